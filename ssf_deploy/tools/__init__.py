@@ -1,0 +1,78 @@
+"""The ``ssf-deploy`` command line: one tool per pipeline step (Polygraphy-style).
+
+Each subcommand lives in its own module and is imported only when used, so ``ssf-deploy params``
+does not pay for onnx/tensorrt imports. Every user error is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import SSFDeployError
+
+# name -> (module, attribute, one-line help)
+TOOLS = {
+    "run": ("run", "run", "Main job: train, fuse, verify, export and report, offline."),
+    "params": ("params", "params", "Trainable/total parameters per tuning method (Table 5)."),
+    "train": ("train", "train", "Fine-tune a timm model with a tuning method."),
+    "fuse": ("fuse", "fuse", "Fold SSF into the base weights, verify, export ONNX."),
+    "verify": ("verify", "verify", "Compare unfused vs fused (vs ONNX) outputs: the CI gate."),
+    "export": ("export", "export", "Export the plain base model to ONNX with the same settings."),
+    "engine": ("engine", "engine", "Build a TensorRT engine from ONNX and check it."),
+    "refit": ("refit", "refit", "Refit a TensorRT engine / ONNX Runtime session with a task pack."),
+    "bench": ("bench", "bench", "Benchmark cost of every tuning method (Fig. 3, Table 2)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(TOOLS)
+
+    def get_command(self, ctx, name):
+        if name not in TOOLS:
+            return None
+        mod, attr, _ = TOOLS[name]
+        try:
+            module = importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(f"{__name__}."):
+                return None
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, _, help_) in TOOLS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ssf-deploy")
+def cli():
+    """SSF from paper to production: train -> fuse -> verify -> export -> engine -> bench."""
+
+
+def main(argv=None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="ssf-deploy", standalone_mode=False)
+        return int(rv or 0)
+    except SSFDeployError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+
+
+def run_main():  # console-script entry point
+    sys.exit(main())

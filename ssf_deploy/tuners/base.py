@@ -1,0 +1,127 @@
+"""The one injection mechanism every tuning method uses.
+
+A method never forks model code: it adds its parameters to existing modules (so base parameter
+names stay untouched) and attaches forward hooks that ``torch.export`` traces like any other code.
+``unload`` removes both again, which is what makes "fused = base architecture" checkable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import SSFDeployError
+from ..models import head_modules
+
+__all__ = ["Tuner", "register", "get_tuner", "METHODS", "add_hook", "add_params", "unload",
+           "freeze_backbone", "transformer_blocks"]
+
+_REGISTRY: dict[str, type["Tuner"]] = {}
+METHODS: list[str] = []
+
+_HANDLES = "_ssf_deploy_handles"   # model attribute: hook handles to remove on unload
+_ADDED = "_ssf_deploy_added"       # model attribute: (module, attr) pairs we registered
+
+
+def register(cls: type["Tuner"]) -> type["Tuner"]:
+    _REGISTRY[cls.name] = cls
+    METHODS.append(cls.name)
+    return cls
+
+
+def get_tuner(method: str) -> type["Tuner"]:
+    if method not in _REGISTRY:
+        raise SSFDeployError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    return _REGISTRY[method]
+
+
+class Tuner:
+    """A tuning method: a config dataclass plus ``inject``; trainability is derived from it."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    freezes_backbone: ClassVar[bool] = True
+
+    @classmethod
+    def make_config(cls, **options: Any):
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise SSFDeployError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
+                                 f"valid: {', '.join(sorted(fields)) or 'none'}")
+        try:
+            cfg = cls.Config(**options)
+        except (TypeError, ValueError) as e:
+            raise SSFDeployError(f"bad option for method '{cls.name}': {e}") from e
+        validate = getattr(cfg, "validate", None)
+        if validate:
+            validate()
+        return cfg
+
+    @classmethod
+    def inject(cls, model: nn.Module, cfg) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _record(model: nn.Module, key: str, item) -> None:
+    if not hasattr(model, key):
+        object.__setattr__(model, key, [])
+    getattr(model, key).append(item)
+
+
+def add_params(model: nn.Module, module: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
+    """Register a new parameter/submodule on ``module`` and remember it for ``unload``."""
+    if hasattr(module, name):
+        raise SSFDeployError(f"module {type(module).__name__} already has an attribute '{name}'")
+    if isinstance(value, nn.Parameter):
+        module.register_parameter(name, value)
+    else:
+        module.add_module(name, value)
+    _record(model, _ADDED, (module, name))
+
+
+def add_hook(model: nn.Module, module: nn.Module, fn: Callable, *, pre: bool = False,
+             with_kwargs: bool = False) -> None:
+    if pre:
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+    else:
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+    _record(model, _HANDLES, handle)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every hook and added parameter (PEFT's ``unload``); the caller merged first."""
+    for h in getattr(model, _HANDLES, []):
+        h.remove()
+    for module, name in getattr(model, _ADDED, []):
+        if name in module._parameters:
+            del module._parameters[name]
+        elif name in module._modules:
+            del module._modules[name]
+    for key in (_HANDLES, _ADDED):
+        if hasattr(model, key):
+            object.__delattr__(model, key)
+    if hasattr(model, "ssf_deploy_method"):
+        object.__delattr__(model, "ssf_deploy_method")
+    return model
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_head(model: nn.Module) -> None:
+    for head in head_modules(model):
+        for p in head.parameters():
+            p.requires_grad_(True)
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules shaped like a transformer block: they own both ``attn`` and ``mlp``."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "attn", None), nn.Module)
+            and isinstance(getattr(m, "mlp", None), nn.Module)]
+
