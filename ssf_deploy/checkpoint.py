@@ -3,7 +3,7 @@
 Dialects read by :func:`read_task`:
 
 * ours (``train`` writes it): ``{"format": FORMAT, "arch", "num_classes", "method", "options",
-  "state", ...}`` where ``state`` holds only what the task changed (trainable parameters and
+  "state", "model_kwargs", ...}`` where ``state`` holds only what the task changed (trainable parameters and
   buffers), so the base weights come from timm / ``--base-weights``;
 * a plain ``state_dict`` (needs ``--model``; the method is inferred from the keys);
 * the official SSF code's checkpoints (see :mod:`ssf_deploy.official`).
@@ -98,6 +98,7 @@ class Task:
     source: str = "ssf-deploy"
     extra: dict = field(default_factory=dict)
     complete: bool = False  # state holds the full model (plain/official dialects), not a delta
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size...)
 
 
 def read_task(path: str) -> Task:
@@ -111,7 +112,8 @@ def read_task(path: str) -> Task:
                 raise SSFDeployError(f"checkpoint {path} lacks '{key}'")
         return Task(obj["arch"], int(obj["num_classes"]), obj["method"],
                     dict(obj.get("options") or {}), dict(obj["state"]),
-                    extra={k: obj[k] for k in ("epoch", "metrics", "base") if k in obj})
+                    extra={k: obj[k] for k in ("epoch", "metrics", "base") if k in obj},
+                    model_kwargs=dict(obj.get("model_kwargs") or {}))
     from .official import is_official, task_from_official
     if is_official(obj):
         return task_from_official(obj, path)
@@ -153,7 +155,8 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
     num_classes = num_classes or task.num_classes or _num_classes_from(task.state)
     if not num_classes:
         raise SSFDeployError("cannot tell the number of classes: pass --num-classes C")
-    model = create_base_model(arch, num_classes, pretrained=pretrained, pretrained_file=base_weights)
+    model = create_base_model(arch, num_classes, pretrained=pretrained, pretrained_file=base_weights,
+                              **task.model_kwargs)
     apply_method(model, task.method, **task.options)
     if task.complete:
         own = model.state_dict()

@@ -26,9 +26,16 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise SSFDeployError(f"model already carries method '{method_of(model)['method']}'")
     tuner = get_tuner(method)
     cfg = tuner.make_config(**options)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     if tuner.freezes_backbone:
         freeze_backbone(model)
-    tuner.inject(model, cfg)
+    try:
+        tuner.inject(model, cfg)
+    except BaseException:   # leave the model as it was given
+        unload(model)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     unfreeze_head(model)
     object.__setattr__(model, "ssf_deploy_method",
                        {"method": method, "options": _plain(dataclasses.asdict(cfg))})
