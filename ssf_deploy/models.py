@@ -10,7 +10,10 @@ from torch import nn
 
 from .errors import SSFDeployError
 
-__all__ = ["resolve_arch", "create_base_model", "input_size", "head_modules"]
+__all__ = ["resolve_arch", "create_base_model", "creation_record", "input_size", "head_modules",
+           "count_params", "example_input"]
+
+CREATE_RECORD = "ssf_deploy_create"
 
 
 def resolve_arch(arch: str) -> str:
@@ -45,7 +48,7 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_file))
         pretrained = True
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes), **kwargs)
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes), **kwargs)
     except SSFDeployError:
         raise
     except RuntimeError as e:
@@ -58,11 +61,28 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
             raise SSFDeployError(f"cannot fetch pretrained weights for {arch} "
                                  f"(offline? use --pretrained-file): {str(e).splitlines()[0]}") from e
         raise
+    # Remember how to build this architecture again: the fuser returns a fresh instance of it.
+    model.__dict__[CREATE_RECORD] = {
+        "arch": arch, "num_classes": int(num_classes),
+        "kwargs": {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}}
+    return model
+
+
+def creation_record(model: nn.Module) -> Optional[dict]:
+    """``{"arch", "num_classes", "kwargs"}`` for models made by :func:`create_base_model`."""
+    return model.__dict__.get(CREATE_RECORD)
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model expects; a patch embedding's own size wins over the default config."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224)))
+    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    from timm.layers import PatchEmbed
+    embed = next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
+    img = getattr(embed, "img_size", None)
+    if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
+        h, w = img
+    return c, h, w
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:

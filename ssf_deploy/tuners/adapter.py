@@ -53,14 +53,12 @@ class Adapter(Tuner):
             mlp = block.mlp
             out_dim = _mlp_out_features(mlp)
             adapter = Bottleneck(out_dim, int(cfg.dim), cfg.act)
-            add_params(model, block, "adapter", adapter)
-            add_hook(model, mlp, _residual(adapter))
+            add_params(model, mlp, "adapter", adapter)
+            add_hook(model, mlp, _residual)
 
 
-def _residual(adapter: Bottleneck):
-    def hook(module, args, out):
-        return out + adapter(out)
-    return hook
+def _residual(mlp, args, out):
+    return out + mlp.adapter(out)
 
 
 def _mlp_out_features(mlp: nn.Module) -> int:

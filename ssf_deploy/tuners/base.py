@@ -21,9 +21,8 @@ __all__ = ["Tuner", "register", "get_tuner", "METHODS", "add_hook", "add_params"
 _REGISTRY: dict[str, type["Tuner"]] = {}
 METHODS: list[str] = []
 
-_HANDLES = "_ssf_deploy_handles"   # model attribute: hook handles to remove on unload
-_ADDED = "_ssf_deploy_added"       # model attribute: (module, attr) pairs we registered
-
+_ADDED = "_ssf_deploy_added"   # per-module list of attribute names a method registered
+_MARK = "__ssf_deploy_hook__"  # set on every hook function a method attaches
 
 def register(cls: type["Tuner"]) -> type["Tuner"]:
     _REGISTRY[cls.name] = cls
@@ -65,46 +64,44 @@ class Tuner:
         raise NotImplementedError
 
 
-def _record(model: nn.Module, key: str, item) -> None:
-    if not hasattr(model, key):
-        object.__setattr__(model, key, [])
-    getattr(model, key).append(item)
-
-
 def add_params(model: nn.Module, module: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
-    """Register a new parameter/submodule on ``module`` and remember it for ``unload``."""
+    """Register a new parameter/submodule on ``module``; the name is remembered for ``unload``.
+
+    The record lives on the module itself, so a ``deepcopy`` of a tuned model unloads correctly.
+    """
     if hasattr(module, name):
         raise SSFDeployError(f"module {type(module).__name__} already has an attribute '{name}'")
     if isinstance(value, nn.Parameter):
         module.register_parameter(name, value)
     else:
         module.add_module(name, value)
-    _record(model, _ADDED, (module, name))
+    module.__dict__.setdefault(_ADDED, []).append(name)
 
 
 def add_hook(model: nn.Module, module: nn.Module, fn: Callable, *, pre: bool = False,
              with_kwargs: bool = False) -> None:
+    """Attach a marked hook. Hooks should reach their parameters through the module argument
+    (or attributes of it), not closures, so that copies of the model stay self-contained."""
+    setattr(fn, _MARK, True)
     if pre:
-        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
     else:
-        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
-    _record(model, _HANDLES, handle)
+        module.register_forward_hook(fn, with_kwargs=with_kwargs)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every hook and added parameter (PEFT's ``unload``); the caller merged first."""
-    for h in getattr(model, _HANDLES, []):
-        h.remove()
-    for module, name in getattr(model, _ADDED, []):
-        if name in module._parameters:
-            del module._parameters[name]
-        elif name in module._modules:
-            del module._modules[name]
-    for key in (_HANDLES, _ADDED):
-        if hasattr(model, key):
-            object.__delattr__(model, key)
-    if hasattr(model, "ssf_deploy_method"):
-        object.__delattr__(model, "ssf_deploy_method")
+    """Remove every hook and added parameter (PEFT's ``unload``); merge first to keep the task."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, _MARK, False)]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for name in module.__dict__.pop(_ADDED, []):
+            module._parameters.pop(name, None)
+            module._modules.pop(name, None)
+            module.__dict__.pop(name, None)
+    model.__dict__.pop("ssf_deploy_method", None)
     return model
 
 

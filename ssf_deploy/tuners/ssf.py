@@ -80,15 +80,24 @@ def _role(name: str, m: nn.Module, block: Optional[str]) -> str:
     return "other"
 
 
-def find_sites(model: nn.Module) -> list[Site]:
-    """Every SSF site in forward-registration order, head excluded."""
+def _bias_free(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.bias is None
+
+
+def find_sites(model: nn.Module, bias_free: bool = False) -> list[Site]:
+    """Every SSF site in module order, head excluded.
+
+    Bias-less Linear/Conv are skipped unless ``bias_free``: their shift has nowhere to go at fuse
+    time (the base graph would gain an Add), and where a norm follows (ResNet, EfficientNet) the
+    norm's own SSF already covers the same per-channel affine.
+    """
     excluded = {id(x) for h in head_modules(model) for x in h.modules()}
     sites = []
     for name, m in model.named_modules():
         if not name or id(m) in excluded:
             continue
         spec = site_of(name, m)
-        if spec is None:
+        if spec is None or (_bias_free(m) and not bias_free):
             continue
         match = _BLOCK_RE.match(name)
         block = match.group(1) if match else None
@@ -126,6 +135,7 @@ class SSF(Tuner):
         init: str = "normal"            # Table 6c: normal, trunc_normal, uniform, constant, random
         init_std: float = 0.02
         impl: str = "lean"              # lean (memory-saving autograd) or naive (x*scale+shift)
+        bias_free: bool = False         # also after bias-less Linear/Conv (fusing may add a bias)
 
         def validate(self):
             object.__setattr__(self, "exclude", tuple(self.exclude or ()))
@@ -144,7 +154,7 @@ class SSF(Tuner):
 
     @classmethod
     def select(cls, model: nn.Module, cfg) -> list[Site]:
-        sites = find_sites(model)
+        sites = find_sites(model, bias_free=cfg.bias_free)
         if cfg.blocks is not None:
             order = list(dict.fromkeys(s.block for s in sites if s.block is not None))
             keep = set(order[: int(cfg.blocks)])
@@ -185,22 +195,26 @@ class SSF(Tuner):
 
     @staticmethod
     def _attach(model: nn.Module, s: Site, impl: str) -> LeanPolicy:
-        m, dim = s.module, s.dim
         policy = LeanPolicy()
         if s.before_act:
+            # norm + activation in one module: the factors go on the activation's input. The
+            # activation finds its norm through an attribute, which deepcopy remaps correctly.
+            s.module.act.__dict__["_ssf_deploy_owner"] = s.module
+
             def pre(act, args):
-                return (scale_shift(args[0], m.ssf_scale if hasattr(m, "ssf_scale") else None,
-                                    m.ssf_shift if hasattr(m, "ssf_shift") else None, dim,
-                                    mode=impl, policy=policy), *args[1:])
-            add_hook(model, m.act, pre, pre=True)
+                owner = act.__dict__["_ssf_deploy_owner"]
+                return (scale_shift(args[0], getattr(owner, "ssf_scale", None),
+                                    getattr(owner, "ssf_shift", None), s.dim, mode=impl,
+                                    policy=policy), *args[1:])
+            add_hook(model, s.module.act, pre, pre=True)
             return policy
         # A channels-last LayerNorm keeps its own input for backward: recompute from it.
-        recompute = layer_norm_recompute(m) if (isinstance(m, nn.LayerNorm) and dim == -1) else None
+        recompute = isinstance(s.module, nn.LayerNorm) and s.dim == -1
 
         def post(module, args, out):
             return scale_shift(out, getattr(module, "ssf_scale", None),
-                               getattr(module, "ssf_shift", None), dim, mode=impl,
-                               recompute=recompute, recompute_input=args[0] if recompute else None,
-                               policy=policy)
-        add_hook(model, m, post)
+                               getattr(module, "ssf_shift", None), s.dim, mode=impl,
+                               recompute=layer_norm_recompute(module) if recompute else None,
+                               recompute_input=args[0] if recompute else None, policy=policy)
+        add_hook(model, s.module, post)
         return policy

@@ -1,0 +1,439 @@
+"""Fold SSF into the base weights (paper Eq. 5) with a graph pass over ``torch.export``'s trace.
+
+Every SSF runs as one ``ssf_deploy::scale_shift`` node while tracing, so its producer is simply
+the node that feeds it — found in the graph, never guessed from module names. For each SSF the
+pass prefers, in this order, whatever keeps the deployed graph identical to the base model:
+
+1. fold back into the producer (Linear, Conv incl. grouped/depthwise, LayerNorm, GroupNorm,
+   BatchNorm in eval): ``W' = gamma * W``, ``b' = gamma * b + beta``;
+2. fold forward into every consumer (Linear; Conv when exact — zero padding makes a constant
+   shift position-dependent, so only a zero shift or an unpadded conv qualify; BatchNorm in eval):
+   ``W' = W diag(gamma)``, ``b' = b + W beta``;
+3. fold back and give the producer the bias/affine it lacks — reported, since the base graph then
+   gains a node.
+
+Anything else (a non-linear producer whose consumers cannot absorb the factors, a producer
+output that another op also reads, shared weights) is refused with the module named: a fused
+model is exact or it is not returned. The maths runs in float64 and is cast back.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import SSFDeployError
+from .layers.scale_shift import ssf_mode
+from .models import creation_record, example_input
+from .tuners import method_of, unload
+
+__all__ = ["fuse", "FuseReport", "Fold"]
+
+aten = torch.ops.aten
+_SSF = torch.ops.ssf_deploy.scale_shift.default
+_SSF_KEYS = ("ssf_scale", "ssf_shift")
+
+# producer op -> (kind, weight arg, bias arg, channel axis of its output: -1 last, 1 channels)
+_PRODUCERS = {
+    aten.linear.default: ("linear", 1, 2, -1),
+    aten.conv1d.default: ("conv", 1, 2, 1),
+    aten.conv2d.default: ("conv", 1, 2, 1),
+    aten.conv3d.default: ("conv", 1, 2, 1),
+    aten.conv1d.padding: ("conv", 1, 2, 1),
+    aten.conv2d.padding: ("conv", 1, 2, 1),
+    aten.conv3d.padding: ("conv", 1, 2, 1),
+    aten.layer_norm.default: ("norm", 2, 3, -1),
+    aten.group_norm.default: ("norm", 2, 3, 1),
+    aten.batch_norm.default: ("norm", 1, 2, 1),
+}
+# ops that only move data: the channel follows the permutation, values are untouched
+_PASS = {aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+         aten.detach.default, aten.permute.default, aten.feature_dropout.default}
+
+
+@dataclass
+class Fold:
+    site: str            # module that carried the SSF factors
+    how: str             # "producer", "consumer" or "producer+new"
+    targets: list        # modules whose weights absorbed it
+    op: str              # producer op
+
+
+@dataclass
+class FuseReport:
+    folds: list = field(default_factory=list)
+    added: list = field(default_factory=list)      # (param name, reason)
+    keys_match_base: bool = True
+
+    @property
+    def extra_nodes(self) -> bool:
+        return bool(self.added)
+
+    def as_dict(self) -> dict:
+        return {"folded": len(self.folds),
+                "by_kind": {k: sum(f.how == k for f in self.folds)
+                            for k in ("producer", "consumer", "producer+new")},
+                "added_parameters": [{"name": n, "reason": r} for n, r in self.added],
+                "keys_match_base": self.keys_match_base,
+                "graph_changes": "none" if not self.added else
+                "the base graph gains the ops that apply the added parameters"}
+
+    def __str__(self) -> str:
+        d = self.as_dict()
+        kinds = ", ".join(f"{v} {k}" for k, v in d["by_kind"].items() if v)
+        lines = [f"fused {d['folded']} SSF site(s) ({kinds or 'none'})"]
+        if self.added:
+            lines.append("WARNING: the fused model is NOT the unchanged base graph; it gains:")
+            lines += [f"  + {n}: {r}" for n, r in self.added]
+        else:
+            lines.append("fused model = unchanged base architecture (same keys and shapes)")
+        return "\n".join(lines)
+
+
+def fuse(model: nn.Module, example: Optional[torch.Tensor] = None, *,
+         return_report: bool = False):
+    """Return the base architecture holding the folded weights; ``model`` is left untouched."""
+    meta = method_of(model)
+    method = meta["method"] if meta else None
+    if method in ("adapter", "vpt-shallow", "vpt-deep"):
+        raise SSFDeployError(f"method '{method}' adds modules or tokens that stay at inference; "
+                             f"only ssf (and the plain methods full/linear/bias) fuse to the base")
+    report = FuseReport()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if method == "ssf" or any(k.endswith(_SSF_KEYS) for k in state):
+        state = _fold(model, state, example, report)
+    state = {k: v for k, v in state.items() if not k.endswith(_SSF_KEYS)}
+    base = _build_base(model, state, report)
+    base.eval()
+    return (base, report) if return_report else base
+
+
+# --------------------------------------------------------------------------------------------
+# tracing and planning
+
+
+def _trace(model: nn.Module, example: Optional[torch.Tensor]):
+    if example is None:
+        example = example_input(model, batch=2)
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        example = example.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point()
+                             else example.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with ssf_mode("graph"), torch.no_grad():
+            return torch.export.export(model, (example,), strict=False)
+    except SSFDeployError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SSFDeployError(f"cannot trace {type(model).__name__} for fusion: {msg[:200]}") from e
+    finally:
+        model.train(was_training)
+
+
+def _module_of(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<model>"
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self__.", "") or "<model>"
+
+
+class _Graph:
+    """Names for placeholders and use counts, so weight sharing is visible."""
+
+    def __init__(self, ep):
+        sig = ep.graph_signature
+        self.names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        self.uses: dict[str, int] = {}
+        for n in ep.graph.nodes:
+            if n.op == "call_function":
+                for a in n.args:
+                    if isinstance(a, torch.fx.Node) and a.name in self.names:
+                        fq = self.names[a.name]
+                        self.uses[fq] = self.uses.get(fq, 0) + 1
+
+    def name(self, arg) -> Optional[str]:
+        return self.names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+
+def _ndim(node) -> int:
+    val = node.meta.get("val")
+    return val.dim() if val is not None else 0
+
+
+def _arg(node, i, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(
+        {1: "weight", 2: "bias"}.get(i, ""), default)
+
+
+def _walk_back(x, dim: int):
+    """Follow data-only ops back to the real producer; None if anything else reads the path."""
+    axis = dim % max(_ndim(x), 1)
+    while x.op == "call_function" and x.target in _PASS:
+        if len(x.users) != 1:
+            return None, None
+        if x.target is aten.permute.default:
+            axis = list(x.args[1])[axis] % _ndim(x.args[0])
+        x = x.args[0]
+    if x.op != "call_function" or x.target not in _PRODUCERS or len(x.users) != 1:
+        return None, None
+    kind, _, _, ch = _PRODUCERS[x.target]
+    if axis != ch % _ndim(x):
+        return None, None
+    if x.target is aten.batch_norm.default and x.args[5]:
+        return None, None   # batch statistics: not an affine map
+    return x, axis
+
+
+# --------------------------------------------------------------------------------------------
+# the fold maths, written once
+
+
+def _f64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _scale_shift_out(w, b, gamma, beta, out_axis: int):
+    """Producer side: y = gamma*(W t + b) + beta  ->  W' = gamma W, b' = gamma b + beta."""
+    w2 = w * _along(gamma, out_axis, w.dim()) if w is not None else None
+    b2 = gamma * b if b is not None else None
+    if beta is not None:
+        b2 = beta.clone() if b2 is None else b2 + beta
+    return w2, b2
+
+
+def _linear_in(w, b, gamma, beta):
+    """Consumer Linear: W (gamma x + beta) + b -> (W diag gamma) x + (W beta + b)."""
+    b2 = b
+    if beta is not None:
+        b2 = (w @ beta) + (b if b is not None else 0)
+    return w * gamma.reshape(1, -1), b2
+
+
+def _conv_in(w, b, gamma, beta, groups: int):
+    """Consumer conv, per input channel (grouped/depthwise aware); beta only when exact."""
+    out_c, in_g = w.shape[:2]
+    wg = w.reshape(groups, out_c // groups, in_g, *w.shape[2:])
+    g = gamma.reshape(groups, 1, in_g, *([1] * (w.dim() - 2)))
+    b2 = b
+    if beta is not None:
+        bb = beta.reshape(groups, 1, in_g, *([1] * (w.dim() - 2)))
+        b2 = (wg * bb).sum(dim=tuple(range(2, wg.dim()))).reshape(out_c) + \
+            (b if b is not None else 0)
+    return (wg * g).reshape(w.shape), b2
+
+
+def _bn_in(w, b, mean, var, eps, gamma, beta, channels):
+    """Consumer BatchNorm (eval): keep the statistics, fold into its affine."""
+    w = w if w is not None else torch.ones(channels, dtype=torch.float64)
+    b = b if b is not None else torch.zeros(channels, dtype=torch.float64)
+    beta = beta if beta is not None else torch.zeros_like(mean)
+    std = torch.sqrt(var + eps)
+    return w * gamma, b + w * (beta - mean + gamma * mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _Folder:
+    def __init__(self, model, state, ep, report):
+        self.model, self.state, self.report = model, dict(state), report
+        self.g = _Graph(ep)
+        self.work: dict[str, torch.Tensor] = {}
+        self.dtypes = {k: v.dtype for k, v in state.items()}
+
+    def get(self, name: Optional[str]):
+        if name is None:
+            return None
+        if name not in self.work:
+            self.work[name] = _f64(self.state[name])
+        return self.work[name]
+
+    def put(self, name: str, value: torch.Tensor, like: Optional[str] = None, reason: str = ""):
+        if name not in self.state and name not in self.work:
+            self.report.added.append((name, reason))
+            self.dtypes[name] = self.dtypes.get(like, torch.float32)
+        self.work[name] = value
+
+    def factors(self, node):
+        scale_name, shift_name = self.g.name(node.args[1]), self.g.name(node.args[2])
+        site = (scale_name or shift_name or _module_of(node)).rsplit(".", 1)[0]
+        gamma, beta = self.get(scale_name), self.get(shift_name)
+        channels = node.meta["val"].shape[node.args[3]]
+        if gamma is None:
+            gamma = torch.ones(channels, dtype=torch.float64)
+        elif gamma.numel() == 1:
+            gamma = gamma.expand(channels).clone()
+        return site, gamma, beta
+
+    # ---- producer side
+    def producer_params(self, prod):
+        kind, wi, bi, _ = _PRODUCERS[prod.target]
+        w_name, b_name = self.g.name(_arg(prod, wi)), self.g.name(_arg(prod, bi))
+        shared = [n for n in (w_name, b_name) if n and self.g.uses.get(n, 0) > 1]
+        owner = _module_of(prod)
+        return kind, w_name, b_name, owner, shared
+
+    def fold_back(self, site, prod, gamma, beta, *, allow_new: bool):
+        kind, w_name, b_name, owner, shared = self.producer_params(prod)
+        if shared:
+            return False
+        needs_bias = beta is not None and b_name is None
+        needs_weight = w_name is None and not bool((gamma == 1).all())
+        if (needs_bias or needs_weight) and not allow_new:
+            return False
+        w, b = self.get(w_name), self.get(b_name)
+        if kind == "norm" and w is None:
+            w = torch.ones_like(gamma)
+        w2, b2 = _scale_shift_out(w, b, gamma, beta, 0)   # out channels lead every weight
+        prefix = owner + "." if owner != "<model>" else ""
+        if w_name is not None:
+            self.put(w_name, w2)
+        elif needs_weight:
+            self.put(prefix + "weight", w2, reason=f"{owner} had no affine weight to take the SSF "
+                                                   f"scale of {site}")
+        if b2 is not None:
+            if b_name is not None:
+                self.put(b_name, b2)
+            else:
+                self.put(prefix + "bias", b2, like=w_name,
+                         reason=f"{owner} had no bias to take the SSF shift of {site}")
+        return True
+
+    # ---- consumer side
+    def consumers_accept(self, node, beta_present: bool) -> bool:
+        users = list(node.users)
+        if not users:
+            return False
+        for u in users:
+            if u.op != "call_function" or not u.args or u.args[0] is not node:
+                return False
+            if any(a is node for a in u.args[1:]):
+                return False
+            names = [self.g.name(a) for a in u.args[1:] if self.g.name(a)]
+            if any(self.g.uses.get(n, 0) > 1 for n in names):
+                return False
+            axis = node.args[3] % _ndim(node)
+            if u.target is aten.linear.default:
+                if axis != _ndim(node) - 1 or self.g.name(u.args[1]) is None:
+                    return False
+            elif u.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+                if axis != 1 or self.g.name(u.args[1]) is None:
+                    return False
+                padding = list(u.args[4]) if len(u.args) > 4 else [0]
+                if beta_present and any(p != 0 for p in padding):
+                    return False   # zero padding breaks a constant shift near the border
+            elif u.target is aten.batch_norm.default:
+                if axis != 1 or u.args[5] or self.g.name(u.args[3]) is None:
+                    return False
+                if u.args[1] is None or u.args[2] is None:
+                    return False
+            else:
+                return False
+        return True
+
+    def fold_forward(self, node, gamma, beta):
+        targets = []
+        for u in node.users:
+            owner = _module_of(u)
+            targets.append(owner)
+            if u.target is aten.linear.default:
+                w_name, b_name = self.g.name(u.args[1]), self.g.name(_arg(u, 2))
+                w2, b2 = _linear_in(self.get(w_name), self.get(b_name), gamma, beta)
+                self.put(w_name, w2)
+                if b2 is not None:
+                    self.put(b_name or f"{owner}.bias", b2, like=w_name,
+                             reason=f"{owner} had no bias to take an SSF shift")
+            elif u.target is aten.batch_norm.default:
+                w_name, b_name = self.g.name(u.args[1]), self.g.name(u.args[2])
+                m_name, v_name = self.g.name(u.args[3]), self.g.name(u.args[4])
+                w2, b2 = _bn_in(self.get(w_name), self.get(b_name), self.get(m_name),
+                                self.get(v_name), float(u.args[7]), gamma, beta, gamma.numel())
+                self.put(w_name, w2)
+                self.put(b_name, b2)
+            else:  # conv
+                w_name, b_name = self.g.name(u.args[1]), self.g.name(_arg(u, 2))
+                groups = int(u.args[6]) if len(u.args) > 6 else 1
+                w2, b2 = _conv_in(self.get(w_name), self.get(b_name), gamma, beta, groups)
+                self.put(w_name, w2)
+                if b2 is not None:
+                    self.put(b_name or f"{owner}.bias", b2, like=w_name,
+                             reason=f"{owner} had no bias to take an SSF shift")
+        return targets
+
+    def finish(self) -> dict:
+        out = dict(self.state)
+        for k, v in self.work.items():
+            out[k] = v.to(self.dtypes.get(k, torch.float32))
+        return out
+
+
+def _fold(model, state, example, report: FuseReport) -> dict:
+    ep = _trace(model, example)
+    folder = _Folder(model, state, ep, report)
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is _SSF]
+    for node in nodes:
+        site, gamma, beta = folder.factors(node)
+        prod, _ = _walk_back(node.args[0], node.args[3])
+        op = str(prod.target).replace("aten.", "") if prod is not None else \
+            str(getattr(node.args[0], "target", node.args[0]))
+        has_beta = beta is not None and bool(beta.abs().max() > 0)
+        beta = beta if has_beta else None
+        if prod is not None and folder.fold_back(site, prod, gamma, beta, allow_new=False):
+            report.folds.append(Fold(site, "producer", [_module_of(prod)], op))
+        elif folder.consumers_accept(node, has_beta):
+            targets = folder.fold_forward(node, gamma, beta)
+            report.folds.append(Fold(site, "consumer", targets, op))
+        elif prod is not None and folder.fold_back(site, prod, gamma, beta, allow_new=True):
+            report.folds.append(Fold(site, "producer+new", [_module_of(prod)], op))
+        else:
+            why = ("its producer '" + op + "' is not a linear op it can fold into"
+                   if prod is None else "its producer's weights are shared with another call")
+            raise SSFDeployError(f"cannot fuse SSF at '{site}' exactly: {why}, and its consumers "
+                                 f"cannot absorb it (only Linear, unpadded Conv and eval "
+                                 f"BatchNorm can)")
+    return folder.finish()
+
+
+def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
+    rec = creation_record(model)
+    if rec is not None:
+        import timm
+        with torch.device("meta"):
+            base = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
+        base.__dict__["ssf_deploy_create"] = dict(rec)
+    else:
+        base = copy.deepcopy(model)
+        unload(base)
+    base_keys = set(base.state_dict())
+    added = {name for name, _ in report.added}
+    report.keys_match_base = not added and base_keys == set(state)
+    for name in sorted(added):
+        mod_name, _, attr = name.rpartition(".")
+        mod = base.get_submodule(mod_name) if mod_name else base
+        mod.register_parameter(attr, nn.Parameter(torch.empty_like(state[name], device="meta")))
+    missing = set(base.state_dict()) - set(state)
+    unexpected = set(state) - set(base.state_dict())
+    if missing or unexpected:
+        raise SSFDeployError(f"fused weights do not fit the base architecture: missing "
+                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    bad = [k for k, v in base.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
+    if bad:
+        raise SSFDeployError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                             f"base expects {tuple(base.state_dict()[bad[0]].shape)}")
+    base.load_state_dict(state, strict=True, assign=True)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
