@@ -40,6 +40,9 @@ def atomic_path(path: str, suffix: Optional[str] = None) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder,
                                suffix=suffix if suffix is not None else os.path.splitext(path)[1])
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; the result should look like open()'s
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,0 +1,181 @@
+"""ONNX export with one fixed recipe, so base and fused graphs can be compared node for node.
+
+Recipe: TorchScript exporter (``dynamo=False``: fast, dynamic batch), eval mode, constant
+folding, ``onnx.checker``, then onnxsim. The same recipe for ``export`` (plain base) and
+``fuse`` (folded SSF) is what makes "same node count and op histogram" a meaningful check.
+Each file records where its weight initializers come from (``ssf_deploy.initializers``), which is
+what lets ``refit`` swap a task's weights into an engine or session by initializer name.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import warnings
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .checkpoint import atomic_path
+from .errors import SSFDeployError
+from .models import example_input
+
+__all__ = ["export_onnx", "onnx_bytes", "graph_stats", "OrtRunner", "initializer_map",
+           "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME"]
+
+DEFAULT_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+META_INIT = "ssf_deploy.initializers"
+
+
+def onnx_bytes(model: nn.Module, *, example: Optional[torch.Tensor] = None,
+               image_size: Optional[int] = None, batch_size: int = 1,
+               opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
+               simplify: bool = True) -> onnx.ModelProto:
+    """Export ``model`` (eval, fp32) and return the checked, simplified ``ModelProto``."""
+    model = model.eval()
+    if example is None:
+        example = example_input(model, batch=batch_size, image_size=image_size)
+    ref = next(model.parameters(), None)
+    if ref is not None and ref.dtype != torch.float32:
+        model = model.float()   # export fp32; TensorRT --fp16 chooses precision itself
+    buf = io.BytesIO()
+    dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example.float(),), buf, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=dyn, do_constant_folding=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SSFDeployError(f"ONNX export of {type(model).__name__} failed: {msg[:200]}") from e
+    proto = onnx.load_from_string(buf.getvalue())
+    _check(proto, "exported")
+    if simplify:
+        proto = _simplify(proto)
+        _check(proto, "simplified")
+    return proto
+
+
+def _check(proto: onnx.ModelProto, stage: str) -> None:
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise SSFDeployError(f"onnx.checker rejected the {stage} model: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from e
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        import onnxsim
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise SSFDeployError("onnxsim is not installed: pip install onnxsim "
+                             "(or pass --no-simplify)") from e
+    try:
+        simplified, ok = onnxsim.simplify(proto)
+    except Exception as e:
+        raise SSFDeployError(f"onnxsim failed: {str(e).strip().splitlines()[0][:200]}") from e
+    if not ok:
+        raise SSFDeployError("onnxsim could not validate the simplified model")
+    return simplified
+
+
+def graph_stats(proto: onnx.ModelProto) -> dict:
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    return {"nodes": len(proto.graph.node), "ops": dict(sorted(ops.items())),
+            "initializers": len(proto.graph.initializer),
+            "parameters": int(sum(np.prod(i.dims) for i in proto.graph.initializer
+                                  if i.data_type in (onnx.TensorProto.FLOAT,
+                                                     onnx.TensorProto.FLOAT16)))}
+
+
+def initializer_map(proto: onnx.ModelProto, state: dict) -> dict:
+    """ONNX initializer name -> (state key, "same" | "transpose"), matched by value.
+
+    Names alone are not enough: the exporter renames folded weights (``onnx::MatMul_123`` is a
+    transposed Linear weight). Initializers derived from several tensors (BatchNorm folded into a
+    Conv) stay unmapped; ``refit`` recomputes those through the exporter.
+    """
+    by_shape: dict[tuple, list] = collections.defaultdict(list)
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1:
+            a = v.detach().float().cpu().numpy()
+            by_shape[a.shape].append((k, "same", a))
+            if a.ndim == 2:
+                by_shape[a.T.shape].append((k, "transpose", a.T))
+    out = {}
+    for init in proto.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        arr = onnx.numpy_helper.to_array(init)
+        hits = [(k, how) for k, how, a in by_shape.get(arr.shape, []) if np.array_equal(a, arr)]
+        named = [h for h in hits if h[0] == init.name]
+        if named:
+            out[init.name] = named[0]
+        elif len({h[0] for h in hits}) == 1:
+            out[init.name] = hits[0]
+    return out
+
+
+def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] = None,
+                image_size: Optional[int] = None, batch_size: int = 1,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, simplify: bool = True,
+                metadata: Optional[dict] = None) -> dict:
+    """Export, check, simplify and atomically write ``path``; returns graph statistics."""
+    proto = onnx_bytes(model, example=example, image_size=image_size, batch_size=batch_size,
+                       opset=opset, dynamic_batch=dynamic_batch, simplify=simplify)
+    state = model.state_dict()
+    meta = {META_INIT: json.dumps(initializer_map(proto, state))}
+    meta.update({f"ssf_deploy.{k}": (v if isinstance(v, str) else json.dumps(v))
+                 for k, v in (metadata or {}).items()})
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    with atomic_path(path) as tmp:
+        onnx.save(proto, tmp)
+    info = graph_stats(proto)
+    info.update(path=os.fspath(path), opset=opset, simplified=simplify,
+                dynamic_batch=dynamic_batch)
+    return info
+
+
+def read_metadata(proto: onnx.ModelProto) -> dict:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+class OrtRunner:
+    """Run an ONNX model in onnxruntime as a callable on torch tensors."""
+
+    def __init__(self, model, providers=None, initializers: Optional[dict] = None,
+                 label: str = "onnxruntime"):
+        import onnxruntime as ort
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        if isinstance(data, (str, os.PathLike)):
+            if not os.path.isfile(data):
+                raise SSFDeployError(f"ONNX file not found: {data}")
+            with open(data, "rb") as f:
+                data = f.read()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self._keep = []
+        for name, value in (initializers or {}).items():
+            ov = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            self._keep.append(ov)          # must outlive the session
+            opts.add_initializer(name, ov)
+        try:
+            self.session = ort.InferenceSession(
+                data, opts, providers=providers or ort.get_available_providers())
+        except Exception as e:
+            raise SSFDeployError(f"onnxruntime cannot load the model: "
+                                 f"{str(e).strip().splitlines()[0][:200]}") from e
+        self.input = self.session.get_inputs()[0].name
+        self.label = label
+
+    def __call__(self, x: torch.Tensor):
+        arr = x.detach().float().cpu().numpy()
+        return [torch.from_numpy(o) for o in self.session.run(None, {self.input: arr})]

@@ -1,0 +1,43 @@
+"""``ssf-deploy export``: the plain base model through the same ONNX recipe as ``fuse``."""
+from __future__ import annotations
+
+import click
+
+from ..errors import SSFDeployError
+from ..models import create_base_model
+from ._common import emit
+
+
+@click.command()
+@click.option("--model", "arch", required=True, help="timm architecture.")
+@click.option("--num-classes", required=True, type=int)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--pretrained", is_flag=True, help="Base weights from the timm hub.")
+@click.option("--base-weights", "--pretrained-file", "base_weights",
+              type=click.Path(dir_okay=False), help="Base weights file, offline.")
+@click.option("--opset", default=17, show_default=True, type=int)
+@click.option("--dynamic-batch", is_flag=True)
+@click.option("--no-simplify", is_flag=True)
+@click.option("--image-size", type=int)
+@click.option("--save-weights", type=click.Path(dir_okay=False),
+              help="Also write the base weights (.safetensors), e.g. to share under packs.")
+@click.option("--json", "as_json", is_flag=True)
+def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batch, no_simplify,
+           image_size, save_weights, as_json):
+    """Export the plain base model to ONNX (reference for node counts and TensorRT)."""
+    from ..checkpoint import atomic_path
+    from ..export import export_onnx
+
+    if not out.endswith(".onnx"):
+        raise SSFDeployError(f"--out must end with .onnx: {out}")
+    model = create_base_model(arch, num_classes, pretrained=pretrained,
+                              pretrained_file=base_weights).eval()
+    info = export_onnx(model, out, image_size=image_size, opset=opset,
+                       dynamic_batch=dynamic_batch, simplify=not no_simplify,
+                       metadata={"arch": arch, "num_classes": num_classes, "fused_from": "base"})
+    if save_weights:
+        from safetensors.torch import save_file
+        with atomic_path(save_weights) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    emit(info, as_json, f"wrote {out}: {info['nodes']} nodes, {info['parameters']:,} parameters, "
+                        f"ops {info['ops']}")

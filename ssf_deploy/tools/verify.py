@@ -1,0 +1,74 @@
+"""``ssf-deploy verify``: the CI gate. Exit 0 only when fused (and ONNX) match the unfused model."""
+from __future__ import annotations
+
+import click
+import torch
+
+from ..errors import SSFDeployError
+from ..verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, verify as run_verify
+from ._common import emit, load_task, make_inputs, tuned_model
+
+
+class _Half(torch.nn.Module):
+    """The fused model run in float16 (on CUDA when present), for fp16 deployment tolerances."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = model.to(self.device).half()
+        self.label = f"fused fp16 ({self.device})"
+
+    def forward(self, x):
+        return self.model(x.to(self.device).half()).float().cpu()
+
+
+@click.command()
+@click.argument("ckpt", required=False, type=click.Path(dir_okay=False))
+@click.option("--pack", type=click.Path(dir_okay=False), help="Task pack instead of a checkpoint.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False),
+              help="Also compare this ONNX model under onnxruntime.")
+@click.option("--model", "arch", help="timm architecture (default: from the checkpoint).")
+@click.option("--num-classes", type=int)
+@click.option("--base-weights", type=click.Path(dir_okay=False))
+@click.option("--pretrained", is_flag=True, help="Fetch base weights from the timm hub.")
+@click.option("--atol", type=float, help=f"Absolute tolerance ({DEFAULT_ATOL:g}; fp16 {FP16_ATOL:g}).")
+@click.option("--rtol", type=float, help=f"Relative tolerance ({DEFAULT_RTOL:g}; fp16 {FP16_RTOL:g}).")
+@click.option("--fp16", is_flag=True, help="Run the fused model in float16, fp16 tolerances.")
+@click.option("--inputs", "inputs_spec", default="2", show_default=True,
+              help="N random batches, or a folder of images.")
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--image-size", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, atol, rtol, fp16,
+           inputs_spec, batch_size, image_size, as_json):
+    """Compare the unfused model with the fused one (and ONNX): exit 0 only if all pass."""
+    from ..export import OrtRunner
+    from ..fuse import fuse
+
+    atol = atol if atol is not None else (FP16_ATOL if fp16 else DEFAULT_ATOL)
+    rtol = rtol if rtol is not None else (FP16_RTOL if fp16 else DEFAULT_RTOL)
+    task = load_task(ckpt, pack)
+    model = tuned_model(task, arch, num_classes, base_weights, pretrained)
+    inputs = make_inputs(inputs_spec, model, batch_size, image_size)
+    fused = fuse(model, inputs[0][:2])
+    candidates = [("fused (PyTorch)", _Half(fused) if fp16 else fused)]
+    if onnx_path:
+        runner = OrtRunner(onnx_path)
+        shape = runner.session.get_inputs()[0].shape
+        if isinstance(shape[0], int) and shape[0] != inputs[0].shape[0]:
+            inputs = [x[i:i + shape[0]] for x in inputs for i in range(0, x.shape[0], shape[0])]
+        if isinstance(shape[2], int) and shape[2] != inputs[0].shape[2]:
+            raise SSFDeployError(f"{onnx_path} expects {shape[2]}x{shape[3]} inputs, the model "
+                                 f"{inputs[0].shape[2]}x{inputs[0].shape[3]}: pass --image-size")
+        candidates.append(("fused (onnxruntime)", runner))
+    reports = []
+    for label, cand in candidates:
+        r = run_verify(model, cand, inputs, atol=atol, rtol=rtol, names=["logits"])
+        r.reference, r.candidate = "unfused (PyTorch)", label if not fp16 or "onnx" in label \
+            else getattr(cand, "label", label)
+        reports.append(r)
+    ok = all(r.passed for r in reports)
+    emit({"passed": ok, "reports": [r.as_dict() for r in reports]}, as_json,
+         "\n".join(str(r) for r in reports) + f"\n{'PASS' if ok else 'FAIL'}")
+    if not ok:
+        raise SystemExit(1)
