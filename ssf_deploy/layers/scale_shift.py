@@ -78,11 +78,13 @@ def _graph_backward(ctx, grad):
     dims = [d for d in range(grad.dim()) if d != ctx.dim % grad.dim()]
     gx = grad * scale.to(grad.dtype).reshape(_bshape(grad, ctx.dim)) if scale is not None else grad
     gscale = gshift = None
+    acc = _acc(grad)
     if scale is not None and ctx.needs_input_grad[1]:
-        gscale = (grad.float() * x.float()).sum(dims).reshape(scale.shape).to(scale.dtype) \
-            if scale.numel() > 1 else (grad.float() * x.float()).sum().reshape(scale.shape)
+        prod = grad.to(acc) * x.to(acc)
+        gscale = (prod.sum(dims) if scale.numel() > 1 else prod.sum()).reshape(scale.shape)
+        gscale = gscale.to(scale.dtype)
     if ctx.has_shift and ctx.needs_input_grad[2]:
-        gshift = grad.float().sum(dims).to(ctx.shift_dtype)
+        gshift = grad.to(acc).sum(dims).to(ctx.shift_dtype)
     return gx, gscale, gshift, None
 
 
@@ -95,6 +97,11 @@ def _graph_setup(ctx, inputs, output):
 
 
 _graph_op.register_autograd(_graph_backward, setup_context=_graph_setup)
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulate reductions in at least float32 (fp16/bf16 AMP), float64 stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _reduce_dims(t: torch.Tensor, dim: int) -> list[int]:
@@ -161,22 +168,23 @@ class _LeanScaleShift(torch.autograd.Function):
         gx = grad * scale.to(grad.dtype).reshape(shape) if ctx.needs_input_grad[0] else None
         gscale = gshift = None
         dims = _reduce_dims(grad, ctx.dim)
+        acc = _acc(grad)
         if ctx.needs_input_grad[1]:
             with torch.no_grad():
                 if ctx.how == "recompute":
-                    x = ctx.recompute(saved).float()
+                    x = ctx.recompute(saved).to(acc)
                 elif ctx.how == "recover":
-                    x = saved.float()
+                    x = saved.to(acc)
                     if shift is not None:
-                        x = x - shift.float().reshape(shape)
-                    x = x / scale.float().reshape(shape)
+                        x = x - shift.to(acc).reshape(shape)
+                    x = x / scale.to(acc).reshape(shape)
                 else:
-                    x = saved.float()
-                prod = grad.float() * x
+                    x = saved.to(acc)
+                prod = grad.to(acc) * x
                 gscale = (prod.sum(dims) if scale.numel() > 1 else prod.sum()).reshape(scale.shape)
                 gscale = gscale.to(scale.dtype)
         if ctx.has_shift and ctx.needs_input_grad[2]:
-            gshift = grad.float().sum(dims).to(shift.dtype)
+            gshift = grad.to(acc).sum(dims).to(shift.dtype)
         return gx, gscale, gshift, None, None, None, None
 
 
