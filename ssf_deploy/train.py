@@ -1,0 +1,570 @@
+"""Fine-tuning loop: one code path for CPU, one GPU and ``torchrun`` multi-GPU (DDP).
+
+The recipe is the paper's (Sec. 4.1): AdamW, cosine decay with linear warm-up (stepped per
+iteration), label smoothing, mixup/cutmix -- all timm's implementations. Only the parameters the
+tuning method left trainable reach the optimizer.
+
+Resuming is exact: the checkpoint written after every epoch holds the optimizer, scheduler,
+scaler and RNG states, and every epoch's randomness (data order, augmentation, dropout, mixup,
+dataloader worker seeds) is derived from ``(seed, epoch, rank)``. So a run interrupted after
+epoch k and resumed ends with bit-identical trainable state to an uninterrupted run, also under
+DDP where only rank 0's RNG state is saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .data import builtin_dataset, inspect_data_dir, is_builtin_dir, make_loaders
+from .errors import SSFDeployError
+from .models import count_params, create_base_model, input_size, resolve_arch
+from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "default_out"]
+
+DATASETS = ("builtin",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the CLI maps its flags 1:1 onto these fields."""
+    arch: str
+    method: str = "ssf"
+    method_options: dict = field(default_factory=dict)   # e.g. {"blocks": 6} for ssf
+    model_kwargs: dict = field(default_factory=dict)     # extra timm.create_model kwargs
+    pretrained: bool = False
+    pretrained_file: Optional[str] = None
+    data: Optional[str] = None          # ImageFolder tree with train/ and val/
+    dataset: Optional[str] = None       # "builtin": generated offline (see ssf_deploy.data)
+    num_classes: Optional[int] = None   # inferred from the data when None
+    epochs: int = 10
+    batch_size: int = 32                # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    image_size: Optional[int] = None    # default: the model's input size
+    workers: int = 0
+    seed: int = 0
+    out: Optional[str] = None           # default models/<arch>-<method>.pt (or --resume's file)
+    resume: Optional[str] = None
+    device: str = "auto"                # auto | cpu | cuda
+    amp: bool = True                    # fp16 autocast + GradScaler; CUDA only
+    max_steps_per_epoch: Optional[int] = None
+    crop_scale: Optional[tuple] = None  # RandomResizedCrop area range; None: timm's (builtin: 0.5-1)
+    progress: bool = True               # tqdm bar (rank 0)
+    verbose: bool = True                # one line per epoch (rank 0)
+    # called on every rank after each epoch's checkpoint: fn(epoch_done, metrics); not saved
+    on_epoch_end: Optional[Callable[[int, dict], None]] = field(default=None, repr=False,
+                                                                compare=False)
+
+    def as_args(self) -> dict:
+        """Plain-container copy for the checkpoint (``weights_only`` loadable)."""
+        return _plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                       if f.name != "on_epoch_end"})
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    arch: str
+    method: str
+    num_classes: int
+    epochs: int                         # epochs completed (including resumed ones)
+    metrics: dict                       # {"top1": [per epoch, %], "loss": [per epoch]}
+    top1: Optional[float]               # last epoch's val top-1 (%)
+    trainable_params: int
+    total_params: int
+
+
+def default_out(arch: str, method: str) -> str:
+    return os.path.join("models", f"{arch.replace('/', '_').replace(':', '_')}-{method}.pt")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False   # we called init_process_group, so we tear it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+
+def _setup_dist(device_kind: str) -> _Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a one-process run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+        owns = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), local, owns)
+
+
+def _resolve_device(name: str, d: Optional[_Dist] = None) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SSFDeployError("--device cuda requested but no CUDA GPU is available (use --device cpu)")
+        if d is not None and d.enabled:
+            return torch.device("cuda", d.local_rank)
+        return torch.device(name)
+    if name != "cpu":
+        raise SSFDeployError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def _all_sum(values: list[float], device: torch.device, d: _Dist) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)   # also seeds every CUDA device
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2 ** 31 - 1)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"bit_generator": str(np_state[0]),
+                  "state": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])[:torch.cuda.device_count()]
+        for i, s in enumerate(cuda):
+            torch.cuda.set_rng_state(s, i)
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["state"].numpy().astype(np.uint32), int(n["pos"]),
+                         int(n["has_gauss"]), float(n["cached_gaussian"])))
+    p = state["python"]
+    random.setstate((int(p["version"]), tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+# ----------------------------------------------------------------------------- model
+
+def _meta_model(arch: str, kwargs: dict) -> nn.Module:
+    with torch.device("meta"):
+        return create_base_model(arch, 2, **kwargs)
+
+
+def _model_kwargs(arch: str, cfg: TrainConfig) -> tuple[dict, int]:
+    """(create_model kwargs, image size): models with a fixed grid (ViT, Swin) get ``img_size``.
+
+    Convolutional models run at any size and reject ``img_size``; we find out by building the
+    model on the meta device, which costs no memory and downloads nothing.
+    """
+    kwargs = dict(cfg.model_kwargs)
+    try:
+        model = _meta_model(arch, kwargs)
+    except SSFDeployError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise SSFDeployError(f"cannot build {arch} with {kwargs}: {str(e).splitlines()[0][:160]}") \
+            from None
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        default = int(size if isinstance(size, int) else size[0])
+    else:
+        default = int(input_size(model)[1])
+    size = int(cfg.image_size or default)
+    if size != default and "img_size" not in kwargs:
+        try:
+            _meta_model(arch, dict(kwargs, img_size=size))
+            kwargs["img_size"] = size
+        except TypeError:
+            pass   # size-agnostic (convolutional) model
+        except (ValueError, AssertionError, RuntimeError) as e:
+            raise SSFDeployError(f"{arch} cannot run at --image-size {size}: "
+                                 f"{str(e).splitlines()[0][:160]}") from None
+    return kwargs, size
+
+
+def _build_model(arch: str, num_classes: int, kwargs: dict, cfg: TrainConfig) -> nn.Module:
+    try:
+        model = create_base_model(arch, num_classes, pretrained=cfg.pretrained,
+                                  pretrained_file=cfg.pretrained_file, **kwargs)
+    except SSFDeployError:
+        raise
+    except (TypeError, ValueError, AssertionError) as e:
+        raise SSFDeployError(f"cannot build {arch}: {str(e).splitlines()[0][:160]}") from None
+    apply_method(model, cfg.method, **cfg.method_options)
+    return model
+
+
+def _probe(model: nn.Module, size: int, device: torch.device) -> list[str]:
+    """One throw-away training forward/backward; returns trainable parameters it never touched.
+
+    DDP must be told about unused parameters. The probe also settles state that models set up
+    lazily on their first forward (SSF's lean-backward policy decides per site whether to keep
+    the input or recover it from the output), so a fresh and a resumed run take their first real
+    step in the same numerical regime -- without it resume would differ in the last bits.
+    Buffers (BatchNorm statistics) are restored, so the probe leaves no trace in the model.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            out = model(torch.zeros(2, 3, size, size, device=device))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            sum(o.float().sum() for o in outs).backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+        model.train(was_training)
+    return unused
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, amp: bool = False) -> float:
+    """Top-1 accuracy in percent; summed over all ranks when running under DDP."""
+    device = torch.device(device)
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    ctx = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with ctx:
+                out = model(x)
+            correct += int((out.argmax(-1) == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([correct, total], dtype=torch.float64,
+                         device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        correct, total = t.tolist()
+    return 100.0 * correct / total if total else float("nan")
+
+
+# ----------------------------------------------------------------------------- resume
+
+_RESUME_KEYS = ("arch", "num_classes", "method", "options", "state", "epoch", "optimizer",
+                "scheduler", "rng", "metrics")
+
+
+def _read_resume(path: str) -> dict:
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise SSFDeployError(f"cannot resume from {path}: not an ssf-deploy training checkpoint")
+    missing = [k for k in _RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise SSFDeployError(f"cannot resume from {path}: it lacks {', '.join(missing)} "
+                             f"(only checkpoints written by 'ssf-deploy train' resume)")
+    return ckpt
+
+
+def _check_resume(ckpt: dict, path: str, *, arch: str, method: str, options: dict,
+                  num_classes: int, model_kwargs: dict, base: dict) -> None:
+    def refuse(what, theirs, ours):
+        raise SSFDeployError(f"cannot resume from {path}: it was trained with {what} {theirs!r}, "
+                             f"this run asks for {ours!r}")
+    if ckpt["arch"] != arch:
+        refuse("--model", ckpt["arch"], arch)
+    if ckpt["method"] != method:
+        refuse("--method", ckpt["method"], method)
+    if int(ckpt["num_classes"]) != num_classes:
+        refuse("num_classes", int(ckpt["num_classes"]), num_classes)
+    if _plain(ckpt["options"]) != _plain(options):
+        refuse("method options", ckpt["options"], options)
+    if _plain(ckpt.get("model_kwargs") or {}) != _plain(model_kwargs):
+        refuse("model kwargs", ckpt.get("model_kwargs"), model_kwargs)
+    theirs = dict(ckpt.get("base") or base)
+    keys = ("pretrained", "pretrained_file") + (() if base["pretrained"] else ("init_seed",))
+    if any(_plain(theirs.get(k)) != _plain(base.get(k)) for k in keys):
+        refuse("base weights", {k: theirs.get(k) for k in keys}, {k: base.get(k) for k in keys})
+
+
+# ----------------------------------------------------------------------------- training
+
+def _data_dir(cfg: TrainConfig, d: _Dist) -> str:
+    if cfg.data and cfg.dataset:
+        raise SSFDeployError("pass either --data DIR or --dataset builtin, not both")
+    if cfg.dataset:
+        if cfg.dataset not in DATASETS:
+            raise SSFDeployError(f"unknown --dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+        if d.main:
+            path = builtin_dataset()
+        d.barrier()   # rank 0 generates, the others then find it ready
+        if not d.main:
+            path = builtin_dataset()
+        return path
+    if not cfg.data:
+        raise SSFDeployError("no training data: pass --data DIR (with train/ and val/) "
+                             "or --dataset builtin")
+    return cfg.data
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    for name, value, ok in (("--epochs", cfg.epochs, cfg.epochs >= 1),
+                            ("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--lr", cfg.lr, cfg.lr > 0),
+                            ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0),
+                            ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0),
+                            ("--min-lr", cfg.min_lr, cfg.min_lr >= 0),
+                            ("--label-smoothing", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1),
+                            ("--mixup", cfg.mixup, cfg.mixup >= 0),
+                            ("--cutmix", cfg.cutmix, cfg.cutmix >= 0),
+                            ("--workers", cfg.workers, cfg.workers >= 0),
+                            ("--max-steps-per-epoch", cfg.max_steps_per_epoch,
+                             cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1)):
+        if not ok:
+            raise SSFDeployError(f"{name} out of range: {value}")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune ``cfg.arch`` with ``cfg.method``; a checkpoint is written after every epoch."""
+    from timm.data import Mixup, resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from tqdm import tqdm
+
+    _check_numbers(cfg)
+    device_kind = _resolve_device(cfg.device).type
+    d = _setup_dist(device_kind)
+    try:
+        device = _resolve_device(cfg.device, d)
+        arch = resolve_arch(cfg.arch)
+        data_dir = _data_dir(cfg, d)
+        classes = inspect_data_dir(data_dir)
+        num_classes = int(cfg.num_classes or len(classes))
+        if num_classes != len(classes):
+            raise SSFDeployError(f"--num-classes {num_classes} but {data_dir} has "
+                                 f"{len(classes)} classes")
+        model_kwargs, size = _model_kwargs(arch, cfg)
+
+        resume = _read_resume(cfg.resume) if cfg.resume else None
+        out = cfg.out or (cfg.resume if cfg.resume else default_out(arch, cfg.method))
+
+        _seed_all(cfg.seed)   # same initial weights (random head, SSF/prompt init) on every rank
+        model = _build_model(arch, num_classes, model_kwargs, cfg)
+        options = method_of(model)["options"]
+        # init_seed: without pretrained weights the frozen base is timm's random init drawn right
+        # after torch.manual_seed(init_seed); that is how to rebuild it from a delta checkpoint
+        base = {"pretrained": bool(cfg.pretrained or cfg.pretrained_file),
+                "pretrained_file": os.path.abspath(cfg.pretrained_file) if cfg.pretrained_file else None,
+                "init_seed": int(cfg.seed)}
+        if resume is not None:
+            _check_resume(resume, cfg.resume, arch=arch, method=cfg.method, options=options,
+                          num_classes=num_classes, model_kwargs=model_kwargs, base=base)
+        trainable, total = count_params(model)
+
+        mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
+        crop_scale = cfg.crop_scale or ((0.5, 1.0) if is_builtin_dir(data_dir) else None)
+        loaders = make_loaders(data_dir, image_size=size, batch_size=cfg.batch_size,
+                               workers=cfg.workers, seed=cfg.seed,
+                               data_config=resolve_data_config({}, model=model),
+                               crop_scale=crop_scale, rank=d.rank, world_size=d.world,
+                               drop_last=True, pin_memory=device.type == "cuda")
+        steps = len(loaders.train)
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        if steps == 0:
+            raise SSFDeployError(f"{data_dir}/train has fewer images than one batch per process "
+                                 f"(--batch-size {cfg.batch_size})")
+
+        model.to(device)
+        net: nn.Module = model
+        unused = _probe(model, size, device)
+        if d.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=bool(unused))
+
+        optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total_steps = cfg.epochs * steps
+        warmup = min(int(round(cfg.warmup_epochs * steps)), max(total_steps - 1, 0))
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1),
+                                      lr_min=cfg.min_lr, warmup_t=warmup,
+                                      warmup_lr_init=max(cfg.min_lr, cfg.lr * 1e-3),
+                                      warmup_prefix=True, t_in_epochs=False)
+        amp = bool(cfg.amp and device.type == "cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+        mixup_fn = None
+        if mixup_on:
+            mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                             label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+            criterion = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+
+        metrics = {"top1": [], "loss": []}
+        start = 0
+        if resume is not None:
+            try:
+                load_trainable_state(model, resume["state"])
+                optimizer.load_state_dict(resume["optimizer"])
+                scheduler.load_state_dict(dict(resume["scheduler"]))
+                if amp and resume.get("scaler"):
+                    scaler.load_state_dict(resume["scaler"])
+                _set_rng_state(resume["rng"])
+                start = int(resume["epoch"])
+                metrics = {k: [float(v) for v in resume["metrics"].get(k, [])] for k in metrics}
+            except SSFDeployError:
+                raise
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise SSFDeployError(f"cannot resume from {cfg.resume}: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") \
+                    from None
+            if d.main and cfg.verbose:
+                print(f"resumed {cfg.resume} after epoch {start}/{cfg.epochs}", flush=True)
+
+        def checkpoint(epoch_done: int) -> dict:
+            return {"format": FORMAT, "arch": arch, "num_classes": num_classes,
+                    "method": cfg.method, "options": _plain(options),
+                    "model_kwargs": _plain(model_kwargs), "state": trainable_state_dict(model),
+                    "epoch": epoch_done, "optimizer": optimizer.state_dict(),
+                    "scheduler": _plain(scheduler.state_dict()), "scaler": scaler.state_dict(),
+                    "rng": _rng_state(), "args": cfg.as_args(), "classes": list(loaders.classes),
+                    "metrics": {k: list(v) for k, v in metrics.items()}, "base": base}
+
+        if d.main and cfg.verbose:
+            print(f"training {arch} with {cfg.method}: {trainable:,} of {total:,} parameters "
+                  f"trainable, {num_classes} classes, {len(loaders.train.dataset)} train / "
+                  f"{len(loaders.val.dataset)} val images at {size}px, {steps} steps/epoch, "
+                  f"device {device}{f' x{d.world}' if d.enabled else ''}"
+                  f"{', amp' if amp else ''}", flush=True)
+
+        if start >= cfg.epochs and d.main:   # nothing left: still honour --out
+            if os.path.abspath(out) != os.path.abspath(cfg.resume):
+                save_checkpoint(checkpoint(start), out)
+
+        for epoch in range(start, cfg.epochs):
+            _seed_all(_epoch_seed(cfg.seed, epoch, d.rank))
+            loaders.train_sampler.set_epoch(epoch)
+            net.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            t0 = time.perf_counter()
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not (d.main and cfg.progress), dynamic_ncols=True)
+            for step, (x, y) in enumerate(loaders.train):
+                if step >= steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup_fn is not None:
+                    if x.shape[0] % 2:       # timm's batch mixup pairs samples up
+                        x, y = x[:-1], y[:-1]
+                    x, y = mixup_fn(x, y)
+                with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+                    loss = criterion(net(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step_update(num_updates=epoch * steps + step + 1)
+                loss_sum += loss.detach().double() * x.shape[0]
+                seen += x.shape[0]
+                if bar.disable is False:
+                    rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.4f}",
+                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            loss_total, n_total = _all_sum([float(loss_sum), float(seen)], device, d)
+            epoch_loss = loss_total / max(n_total, 1)
+            if not math.isfinite(epoch_loss):
+                raise SSFDeployError(f"training diverged: loss is {epoch_loss} in epoch {epoch + 1} "
+                                     f"(try a lower --lr)")
+            top1 = evaluate(net, loaders.val, device, amp=amp)
+            metrics["loss"].append(epoch_loss)
+            metrics["top1"].append(top1)
+            if d.main:
+                save_checkpoint(checkpoint(epoch + 1), out)
+                if cfg.verbose:
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}  top1 {top1:.2f}%  "
+                          f"lr {optimizer.param_groups[0]['lr']:.2e}  "
+                          f"{n_total / max(elapsed, 1e-9):.0f} img/s  -> {out}", flush=True)
+            d.barrier()   # nobody runs ahead (or exits) before the checkpoint is on disk
+            if cfg.on_epoch_end is not None:
+                cfg.on_epoch_end(epoch + 1, {k: list(v) for k, v in metrics.items()})
+
+        return TrainResult(checkpoint=out, arch=arch, method=cfg.method, num_classes=num_classes,
+                           epochs=max(start, cfg.epochs), metrics=metrics,
+                           top1=metrics["top1"][-1] if metrics["top1"] else None,
+                           trainable_params=trainable, total_params=total)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
