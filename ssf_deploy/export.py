@@ -9,6 +9,7 @@ what lets ``refit`` swap a task's weights into an engine or session by initializ
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import os
@@ -46,7 +47,8 @@ def onnx_bytes(model: nn.Module, *, example: Optional[torch.Tensor] = None,
     buf = io.BytesIO()
     dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
-        with warnings.catch_warnings():
+        # the TorchScript exporter prints its whole IR graph on failure: keep stdout clean
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example.float(),), buf, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

@@ -30,8 +30,7 @@ def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batc
 
     if not out.endswith(".onnx"):
         raise SSFDeployError(f"--out must end with .onnx: {out}")
-    model = create_base_model(arch, num_classes, pretrained=pretrained,
-                              pretrained_file=base_weights).eval()
+    model = _create(arch, num_classes, pretrained, base_weights, image_size).eval()
     info = export_onnx(model, out, image_size=image_size, opset=opset,
                        dynamic_batch=dynamic_batch, simplify=not no_simplify,
                        metadata={"arch": arch, "num_classes": num_classes, "fused_from": "base"})
@@ -41,3 +40,15 @@ def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batc
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     emit(info, as_json, f"wrote {out}: {info['nodes']} nodes, {info['parameters']:,} parameters, "
                         f"ops {info['ops']}")
+
+
+def _create(arch, num_classes, pretrained, base_weights, image_size):
+    """Transformers take ``img_size`` at creation (position embeddings); CNNs take any size."""
+    if image_size:
+        try:
+            return create_base_model(arch, num_classes, pretrained=pretrained,
+                                     pretrained_file=base_weights, img_size=image_size)
+        except TypeError:
+            pass
+    return create_base_model(arch, num_classes, pretrained=pretrained,
+                             pretrained_file=base_weights)

@@ -71,4 +71,4 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     emit({"passed": ok, "reports": [r.as_dict() for r in reports]}, as_json,
          "\n".join(str(r) for r in reports) + f"\n{'PASS' if ok else 'FAIL'}")
     if not ok:
-        raise SystemExit(1)
+        click.get_current_context().exit(1)

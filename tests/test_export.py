@@ -1,0 +1,195 @@
+"""ONNX: zero extra nodes vs the base export, checker, onnxruntime; the fuse/verify/export CLI."""
+import json
+import os
+import pickle
+
+import onnx
+import pytest
+import torch
+
+import ssf_deploy as sd
+from ssf_deploy.checkpoint import FORMAT, save_checkpoint
+from ssf_deploy.export import OrtRunner, export_onnx, graph_stats, onnx_bytes
+from ssf_deploy.fuse import fuse
+from ssf_deploy.tools import main
+from ssf_deploy.tuners import trainable_state_dict
+from ssf_deploy.verify import verify
+
+from conftest import make_model
+from test_fuse import pretrained_like
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "convnext", "resnet", "efficientnet", "mixer"])
+def test_fused_onnx_has_exactly_the_base_graph(family, tmp_path):
+    base = pretrained_like(make_model(family))
+    model = pretrained_like(make_model(family))
+    sd.apply_method(model, "ssf", init_std=0.3)
+    model.eval()
+    fused = fuse(model)
+    x = torch.randn(1, 3, 32, 32)
+    info = export_onnx(fused, str(tmp_path / "fused.onnx"), example=x)
+    base_info = graph_stats(onnx_bytes(base.eval(), example=x))
+    assert info["nodes"] == base_info["nodes"]
+    assert info["ops"] == base_info["ops"]
+    assert info["parameters"] == base_info["parameters"]
+    proto = onnx.load(str(tmp_path / "fused.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    r = verify(model, OrtRunner(str(tmp_path / "fused.onnx")), [torch.randn(1, 3, 32, 32)
+                                                                 for _ in range(3)])
+    assert r.passed, str(r)
+
+
+def test_dynamic_batch_export(tmp_path):
+    model = pretrained_like(make_model("convnext")).eval()
+    export_onnx(model, str(tmp_path / "m.onnx"), example=torch.randn(1, 3, 32, 32),
+                dynamic_batch=True)
+    r = verify(model, OrtRunner(str(tmp_path / "m.onnx")), torch.randn(5, 3, 32, 32))
+    assert r.passed and r.outputs[0].shape == (5, 5)
+
+
+def test_verify_report_detects_mismatch_and_reads_well():
+    a = make_model("vit").eval()
+    b = pretrained_like(make_model("vit")).eval()
+    r = verify(a, b, torch.randn(2, 3, 32, 32), atol=1e-6, rtol=1e-6)
+    assert not r.passed
+    assert "MISMATCH" in str(r) and "FAIL" in str(r)
+    d = r.as_dict()
+    assert d["passed"] is False and d["outputs"][0]["max_abs_error"] > 0
+    same = verify(a, a, torch.randn(2, 3, 32, 32))
+    assert same.passed and same.outputs[0].max_abs == 0.0
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def _checkpoint(tmp_path, family="vit"):
+    """An ssf-deploy checkpoint of a trained-looking tiny model, plus its base weights file."""
+    from safetensors.torch import save_file
+    model = sd.create_base_model("test_vit", 5, img_size=32, patch_size=8)
+    pretrained_like(model)
+    base = str(tmp_path / "base.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
+    sd.apply_method(model, "ssf", init_std=0.3)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"format": FORMAT, "arch": "test_vit", "num_classes": 5, "method": "ssf",
+                     "options": sd.method_of(model)["options"],
+                     "model_kwargs": {"img_size": 32, "patch_size": 8},
+                     "state": trainable_state_dict(model)}, ckpt)
+    return ckpt, base
+
+
+def test_fuse_cli_end_to_end_with_pack(tmp_path, capsys):
+    ckpt, base = _checkpoint(tmp_path)
+    out, pack = str(tmp_path / "m.onnx"), str(tmp_path / "task.safetensors")
+    rc = main(["fuse", ckpt, "--base-weights", base, "--out", out, "--save-pack", pack,
+               "--save-weights", str(tmp_path / "fused.safetensors"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report
+    assert report["passed"] and report["onnx"]["same_graph_as_base"]
+    assert report["verify_onnxruntime"]["passed"]
+    assert os.path.getsize(pack) < os.path.getsize(tmp_path / "fused.safetensors") / 10
+    # the pack + shared base weights rebuild the same deployed model
+    out2 = str(tmp_path / "m2.onnx")
+    assert main(["fuse", "--pack", pack, "--base-weights", base, "--out", out2]) == 0
+    a, b = onnx.load(out), onnx.load(out2)
+    wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    wb = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+    # the CI gate passes against the file, fails against the wrong base
+    assert main(["verify", ckpt, "--base-weights", base, "--onnx", out]) == 0
+    capsys.readouterr()
+    assert main(["verify", ckpt, "--onnx", out]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_export_cli_matches_fused_node_count(tmp_path, capsys):
+    """`export` (plain base) and `fuse` (folded SSF) give the same graph, node for node."""
+    from safetensors.torch import save_file
+    model = pretrained_like(sd.create_base_model("test_convnext", 4))
+    base = str(tmp_path / "base.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
+    sd.apply_method(model, "ssf", init_std=0.3)
+    ckpt = str(tmp_path / "c.pt")
+    save_checkpoint({"format": FORMAT, "arch": "test_convnext", "num_classes": 4, "method": "ssf",
+                     "options": sd.method_of(model)["options"], "state": trainable_state_dict(model)},
+                    ckpt)
+    assert main(["fuse", ckpt, "--base-weights", base, "--out", str(tmp_path / "f.onnx"),
+                 "--image-size", "64", "--json"]) == 0
+    fused = json.loads(capsys.readouterr().out)["onnx"]["fused"]
+    assert main(["export", "--model", "test_convnext", "--num-classes", "4", "--base-weights",
+                 base, "--out", str(tmp_path / "b.onnx"), "--image-size", "64", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["nodes"] == fused["nodes"] and plain["ops"] == fused["ops"]
+
+
+def test_export_cli_failure_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "v.onnx"
+    assert main(["export", "--model", "test_vit", "--num-classes", "5", "--out", str(out),
+                 "--opset", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_export_cli_plain_model(tmp_path, capsys):
+    out = str(tmp_path / "r.onnx")
+    assert main(["export", "--model", "test_resnet", "--num-classes", "3", "--out", out,
+                 "--image-size", "64", "--dynamic-batch"]) == 0
+    assert "nodes" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(out))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ssf_deploy_pwned",))
+
+
+@pytest.mark.parametrize("kind", ["malicious", "corrupt", "missing", "not_a_checkpoint"])
+def test_bad_checkpoints_are_refused_and_nothing_is_written(kind, tmp_path, capsys):
+    path = tmp_path / "bad.pt"
+    if kind == "malicious":
+        if os.path.exists("/tmp/ssf_deploy_pwned"):
+            os.unlink("/tmp/ssf_deploy_pwned")
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": {"x": _Evil()}, "arch": "vit_base_patch16_224"}, f)
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Evil()}, tmp_path / "z.pt")
+        path = tmp_path / "z.pt"
+    elif kind == "corrupt":
+        path.write_bytes(b"PK\x03\x04 definitely not a checkpoint" * 10)
+    elif kind == "not_a_checkpoint":
+        torch.save([1, 2, 3], path)
+    out = tmp_path / "m.onnx"
+    rc = main(["fuse", str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:")
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    if kind == "malicious":
+        assert "refusing" in err[0]
+        assert not os.path.exists("/tmp/ssf_deploy_pwned")
+
+
+def test_fuse_refuses_non_ssf_checkpoint(tmp_path, capsys):
+    model = sd.create_base_model("test_vit", 5, img_size=32, patch_size=8)
+    sd.apply_method(model, "adapter")
+    ckpt = str(tmp_path / "a.pt")
+    save_checkpoint({"format": FORMAT, "arch": "test_vit", "num_classes": 5, "method": "adapter",
+                     "options": {}, "model_kwargs": {"img_size": 32, "patch_size": 8},
+                     "state": trainable_state_dict(model)}, ckpt)
+    assert main(["fuse", ckpt, "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "only ssf fuses" in capsys.readouterr().err
+
+
+def test_pack_without_base_weights_is_a_clear_error(tmp_path, capsys):
+    ckpt, base = _checkpoint(tmp_path)
+    pack = str(tmp_path / "t.safetensors")
+    assert main(["fuse", ckpt, "--base-weights", base, "--save-pack", pack]) == 0
+    capsys.readouterr()
+    assert main(["fuse", "--pack", pack, "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "--base-weights" in capsys.readouterr().err
+
+
+def test_verify_fp16_tolerances(tmp_path, capsys):
+    ckpt, base = _checkpoint(tmp_path)
+    rc = main(["verify", ckpt, "--base-weights", base, "--fp16", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["reports"][0]["atol"] == pytest.approx(2e-2)
+    assert rc == (0 if data["passed"] else 1)
