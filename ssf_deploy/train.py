@@ -13,6 +13,7 @@ DDP where only rank 0's RNG state is saved.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -442,7 +443,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         model.to(device)
         net: nn.Module = model
-        unused = _probe(model, size, device)
+        try:
+            unused = _probe(model, size, device)
+        except (RuntimeError, AssertionError, ValueError) as e:   # e.g. a size the model refuses
+            raise SSFDeployError(f"{arch} cannot run a training step at {size}px: "
+                                 f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}") \
+                from None
+        if unused and d.main and cfg.verbose:
+            print(f"note: {len(unused)} trainable parameter(s) get no gradient, e.g. {unused[0]}",
+                  flush=True)
         if d.enabled:
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -451,10 +460,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
         total_steps = cfg.epochs * steps
         warmup = min(int(round(cfg.warmup_epochs * steps)), max(total_steps - 1, 0))
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1),
-                                      lr_min=cfg.min_lr, warmup_t=warmup,
-                                      warmup_lr_init=max(cfg.min_lr, cfg.lr * 1e-3),
-                                      warmup_prefix=True, t_in_epochs=False)
+        # timm warns that a one-step cosine "has no effect"; here that only means warm-up fills
+        # the run (e.g. --epochs 1 with --warmup-epochs 1), which the user asked for
+        sched_log = logging.getLogger("timm.scheduler.cosine_lr")
+        level = sched_log.level
+        sched_log.setLevel(logging.ERROR)
+        try:
+            scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1),
+                                          lr_min=cfg.min_lr, warmup_t=warmup,
+                                          warmup_lr_init=max(cfg.min_lr, cfg.lr * 1e-3),
+                                          warmup_prefix=True, t_in_epochs=False)
+        finally:
+            sched_log.setLevel(level)
         amp = bool(cfg.amp and device.type == "cuda")
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
 

@@ -328,3 +328,20 @@ def test_ddp_two_processes_gloo(data, tmp_path):
     assert math.isfinite(ck["metrics"]["loss"][0])
     assert 0.0 <= ck["metrics"]["top1"][0] <= 100.0
     assert not any(k.startswith("module.") for k in ck["state"])
+
+
+def test_pretrained_file_is_the_frozen_base(data, tmp_path):
+    torch.manual_seed(123)
+    donor = create_base_model("test_resnet", 1000)        # head of another size: timm drops it
+    weights = tmp_path / "base.pth"
+    torch.save(donor.state_dict(), weights)
+    cfg = _cfg(data, tmp_path, ("test_resnet", {}), pretrained_file=str(weights),
+               max_steps_per_epoch=1)
+    result = train(cfg)
+    ck = torch.load(result.checkpoint, weights_only=True)
+    assert ck["base"]["pretrained"] is True and ck["base"]["pretrained_file"] == str(weights)
+    model = build_model(read_task(result.checkpoint), base_weights=str(weights))
+    own = model.state_dict()
+    frozen = [k for k, v in donor.state_dict().items()
+              if k not in ck["state"] and not k.startswith("fc.")]
+    assert frozen and all(torch.equal(own[k], donor.state_dict()[k]) for k in frozen)
