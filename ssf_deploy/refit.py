@@ -1,0 +1,367 @@
+"""One graph, many tasks: a task's fused weights by ONNX initializer name (pure Python, CPU).
+
+SSF changes only weights, so every task deploys as the same graph. ``refit`` swaps a task's
+weights into an already-built artefact instead of re-exporting / rebuilding it:
+
+* TensorRT: ``Refitter.set_named_weights(name, ...)`` with the ONNX initializer names (the ONNX
+  parser names an engine's refittable weights after them), see :mod:`ssf_deploy.engine`;
+* onnxruntime: a new session on the same ONNX bytes with ``SessionOptions.add_initializer``.
+
+Where each initializer value comes from (:func:`compute_task_weights`):
+
+1. the ONNX file's ``ssf_deploy.initializers`` map (initializer -> state key, same/transposed):
+   read straight from the task's fused ``state_dict``;
+2. initializers derived from several tensors (BatchNorm folded into a Conv, a reshaped layer
+   scale): the fused task model is exported in memory with the file's own recipe (opset, dynamic
+   batch, input shape, onnxsim) and the values are taken by initializer name. That export must
+   have the very same graph (nodes, initializer names and shapes); if it does not — typically
+   because the exporter merged equal weights, e.g. the all-zero biases of an untrained base — the
+   graph cannot hold this task's weights and :class:`SSFDeployError` says so.
+
+The in-memory export also serves as the task's onnxruntime reference for a refitted engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .errors import SSFDeployError
+from .export import INPUT_NAME, META_INIT, OrtRunner, onnx_bytes, read_metadata
+
+__all__ = ["META_EXPORT", "TaskWeights", "export_settings", "check_task_matches",
+           "task_initializers", "compute_task_weights", "TaskOrtRunner", "bake_initializers",
+           "load_onnx", "same_graph", "graph_weight_names"]
+
+# metadata key with the export recipe {"opset", "dynamic_batch", "simplify", ...}; files written
+# before it existed get the recipe inferred from the graph itself (see export_settings)
+META_EXPORT = "ssf_deploy.export"
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16)
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    """Read an ONNX file with a one-line error for a missing, empty or corrupt file."""
+    if not os.path.isfile(path):
+        raise SSFDeployError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(path)
+    except Exception as e:  # protobuf DecodeError, OSError, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SSFDeployError(f"cannot read ONNX file {path}: {msg[:160]}") from None
+    if not proto.graph.node or not proto.graph.input:
+        raise SSFDeployError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
+    return proto
+
+
+# --------------------------------------------------------------------------------------------
+# recipe and compatibility
+
+
+def export_settings(proto: onnx.ModelProto) -> dict:
+    """The export recipe of ``proto``: recorded in its metadata or inferred from the graph.
+
+    ``simplify`` is ``None`` when the file does not say (both are then tried in turn).
+    """
+    meta = read_metadata(proto)
+    recorded = {}
+    if META_EXPORT in meta:
+        try:
+            recorded = json.loads(meta[META_EXPORT])
+        except json.JSONDecodeError:
+            recorded = {}
+    inputs = [i for i in proto.graph.input
+              if i.name not in {init.name for init in proto.graph.initializer}]
+    if not inputs:
+        raise SSFDeployError("the ONNX graph has no input")
+    inp = next((i for i in inputs if i.name == INPUT_NAME), inputs[0])
+    dims = inp.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(shape) < 2 or any(v is None for v in shape[1:]):
+        raise SSFDeployError(f"input '{inp.name}' has shape {_fmt_shape(dims)}; expected a batch "
+                             f"(N, C, H, W) whose dimensions after the batch are fixed")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    out = {"opset": int(opset) if opset else 17, "dynamic_batch": shape[0] is None,
+           "batch_size": shape[0] or 1, "input_name": inp.name,
+           "chw": tuple(shape[1:]),   # every dimension after the batch (C, H, W for images)
+           "simplify": None}
+    for k in ("opset", "dynamic_batch", "simplify"):
+        if k in recorded:
+            out[k] = recorded[k]
+    return out
+
+
+def _fmt_shape(dims) -> str:
+    return "(" + ", ".join(d.dim_param or str(d.dim_value) if (d.dim_param or d.HasField(
+        "dim_value")) else "?" for d in dims) + ")"
+
+
+def check_task_matches(proto: onnx.ModelProto, task, source: str = "the ONNX model") -> None:
+    """Refuse a task whose architecture / classes differ from what ``proto`` was exported from."""
+    meta = read_metadata(proto)
+    arch = (meta.get("ssf_deploy.arch") or "").strip('"')
+    t_arch = getattr(task, "arch", None)
+    if arch and t_arch and arch.split(".")[0] != t_arch.split(".")[0]:
+        raise SSFDeployError(f"the pack is for '{t_arch}' but {source} was exported from "
+                             f"'{arch}': one engine serves the tasks of one base architecture")
+    try:
+        nc = int(json.loads(meta.get("ssf_deploy.num_classes", "0") or "0"))
+    except (ValueError, TypeError):
+        nc = 0
+    t_nc = getattr(task, "num_classes", None)
+    if nc and t_nc and int(t_nc) != nc:
+        raise SSFDeployError(f"the pack has {t_nc} classes but {source} has {nc}: the head must "
+                             f"have the same shape to swap weights")
+
+
+# --------------------------------------------------------------------------------------------
+# weights by initializer name
+
+
+@dataclass
+class TaskWeights:
+    """A task's values for a graph's initializers, and where each one came from."""
+    values: dict                      # initializer name -> np.ndarray (graph dtype and shape)
+    from_map: list = field(default_factory=list)      # names read from the fused state_dict
+    from_export: list = field(default_factory=list)   # derived names, from the in-memory export
+    kept: list = field(default_factory=list)          # structural constants, as in the file
+    remapped: list = field(default_factory=list)      # map entries the export contradicted
+    changed: int = 0                  # how many values differ from the file's
+    settings: dict = field(default_factory=dict)
+    reference: Optional[onnx.ModelProto] = None       # the task's own export (when made)
+
+    def as_dict(self) -> dict:
+        return {"weights": len(self.values), "from_state_dict": len(self.from_map),
+                "from_export": len(self.from_export), "kept_from_file": len(self.kept),
+                "map_entries_contradicted": len(self.remapped), "changed_vs_file": self.changed,
+                "recipe": {k: (list(v) if isinstance(v, tuple) else v)
+                           for k, v in self.settings.items()}}
+
+    def summary(self) -> str:
+        return (f"{len(self.values)} weights: {len(self.from_map)} from the fused state_dict by "
+                f"the file's initializer map, {len(self.from_export)} derived (in-memory export), "
+                f"{len(self.kept)} structural constants kept; {self.changed} differ from the "
+                f"file's values")
+
+
+def _graph_inits(proto: onnx.ModelProto) -> dict:
+    return {i.name: i for i in proto.graph.initializer}
+
+
+def _constants(proto: onnx.ModelProto) -> dict:
+    """Outputs of ``Constant`` nodes (TensorRT may list them as weights too)."""
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = a.t
+    return out
+
+
+def graph_weight_names(proto: onnx.ModelProto) -> set:
+    """Names a weight can have in ``proto``: initializers and ``Constant`` outputs."""
+    return set(_graph_inits(proto)) | set(_constants(proto))
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> Optional[str]:
+    """``None`` when both graphs are the same up to initializer *values*, else the first difference."""
+    ia, ib = _graph_inits(a), _graph_inits(b)
+    if set(ia) != set(ib):
+        only_a, only_b = sorted(set(ia) - set(ib)), sorted(set(ib) - set(ia))
+        return (f"initializers differ: {len(only_a)} only in the file (e.g. {only_a[:2]}), "
+                f"{len(only_b)} only in the task's export (e.g. {only_b[:2]})")
+    for name, init in ia.items():
+        if list(init.dims) != list(ib[name].dims) or init.data_type != ib[name].data_type:
+            return f"initializer '{name}' is {list(init.dims)} in the file, " \
+                   f"{list(ib[name].dims)} in the task's export"
+    na, nb = a.graph.node, b.graph.node
+    if len(na) != len(nb):
+        return f"{len(na)} nodes in the file, {len(nb)} in the task's export"
+    for i, (x, y) in enumerate(zip(na, nb)):
+        if x.op_type != y.op_type or list(x.input) != list(y.input) \
+                or list(x.output) != list(y.output):
+            return f"node {i} is {x.op_type}({', '.join(x.input)}) in the file, " \
+                   f"{y.op_type}({', '.join(y.input)}) in the task's export"
+    return None
+
+
+def _example(settings: dict) -> torch.Tensor:
+    b = max(1, int(settings.get("batch_size") or 1))
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, *settings["chw"], generator=g)
+
+
+def _export_like(fused_model, proto: onnx.ModelProto, settings: dict):
+    """Export the fused task model with the file's recipe; returns (export, recipe used)."""
+    tries = [settings["simplify"]] if settings.get("simplify") is not None else [True, False]
+    first_diff = None
+    for simplify in tries:
+        ref = onnx_bytes(fused_model, example=_example(settings), opset=settings["opset"],
+                         dynamic_batch=settings["dynamic_batch"], simplify=simplify)
+        diff = same_graph(proto, ref)
+        if diff is None:
+            return ref, {**settings, "simplify": simplify}
+        first_diff = first_diff or diff
+    raise SSFDeployError(
+        f"this task's weights do not fit the graph: exporting it with the file's recipe gives a "
+        f"different graph ({first_diff}). The exporter merges equal weights (e.g. the all-zero "
+        f"biases of an untrained base), so a graph exported from one task can differ from "
+        f"another's; export from a trained base and rebuild")
+
+
+def _as_graph_array(value, init) -> np.ndarray:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    return np.ascontiguousarray(np.asarray(value, dtype=dtype))
+
+
+def compute_task_weights(proto: onnx.ModelProto, fused_state: dict, fused_model=None, *,
+                         names: Optional[Iterable[str]] = None,
+                         settings: Optional[dict] = None) -> TaskWeights:
+    """The task's value for every float initializer of ``proto`` (or for ``names``).
+
+    ``fused_state`` is the task's fused ``state_dict``; ``fused_model`` (the fused module) is
+    needed for derived initializers and for the graph check, and is exported once in memory.
+    ``names`` (e.g. a TensorRT refitter's weight names) may also name structural constants or
+    ``Constant`` nodes: those are taken from the task's export or, without one, from the file.
+    """
+    inits, consts = _graph_inits(proto), _constants(proto)
+    meta = read_metadata(proto)
+    if META_INIT in meta:
+        try:
+            mapping = json.loads(meta[META_INIT])
+        except json.JSONDecodeError as e:
+            raise SSFDeployError(f"corrupt '{META_INIT}' metadata in the ONNX file: {e}") from None
+    else:
+        mapping = {}
+    settings = dict(settings or export_settings(proto))
+    floats = [n for n, i in inits.items() if i.data_type in _FLOAT_TYPES]
+    wanted = list(dict.fromkeys(names)) if names is not None else floats
+    unknown = [n for n in wanted if n not in inits and n not in consts]
+    if unknown:
+        raise SSFDeployError(f"{len(unknown)} weight name(s) are not in the ONNX graph (e.g. "
+                             f"'{unknown[0]}'): the engine was built from another ONNX file")
+
+    out = TaskWeights(values={}, settings=settings)
+    ref_inits, ref_consts = {}, {}
+    if fused_model is not None:
+        out.reference, out.settings = _export_like(fused_model, proto, settings)
+        ref_inits, ref_consts = _graph_inits(out.reference), _constants(out.reference)
+
+    missing = []
+    for name in wanted:
+        init = inits.get(name)
+        if init is not None and name in mapping:
+            key, how = mapping[name]
+            if key not in fused_state:
+                raise SSFDeployError(f"the task's fused weights lack '{key}' (initializer "
+                                     f"'{name}'): the pack is for another architecture")
+            value = fused_state[key]
+            value = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) \
+                else np.asarray(value)
+            if how == "transpose":
+                value = value.T
+            if tuple(value.shape) != tuple(init.dims):
+                raise SSFDeployError(f"the task does not fit the graph: initializer '{name}' is "
+                                     f"{tuple(init.dims)} in the ONNX file, the task's '{key}' is "
+                                     f"{tuple(value.shape)}")
+            value = _as_graph_array(value, init)
+            ref = ref_inits.get(name)
+            if ref is not None:
+                ref = numpy_helper.to_array(ref)
+                if not np.allclose(value, ref, rtol=1e-6, atol=1e-7):
+                    # the map was matched by value on another task: the export is the truth
+                    out.values[name] = np.ascontiguousarray(ref)
+                    out.from_export.append(name)
+                    out.remapped.append(name)
+                    continue
+            out.values[name] = value
+            out.from_map.append(name)
+        elif name in ref_inits or name in ref_consts:
+            src = ref_inits.get(name) or ref_consts[name]
+            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(src))
+            derived = init is not None and init.data_type in _FLOAT_TYPES and \
+                int(np.prod(init.dims)) > 1
+            (out.from_export if derived else out.kept).append(name)
+        elif init is not None and (init.data_type not in _FLOAT_TYPES
+                                   or int(np.prod(init.dims)) <= 1):
+            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(init))
+            out.kept.append(name)
+        elif name in consts:
+            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(consts[name]))
+            out.kept.append(name)
+        else:
+            missing.append(name)
+    if missing:
+        raise SSFDeployError(f"{len(missing)} initializer(s) are derived from several weights "
+                             f"(e.g. '{missing[0]}', BatchNorm folded into a Conv) and need the "
+                             f"fused model to be exported: pass fused_model")
+    for name, value in out.values.items():
+        src = inits.get(name) or consts.get(name)
+        if src is not None and not np.array_equal(numpy_helper.to_array(src), value):
+            out.changed += 1
+    return out
+
+
+def task_initializers(onnx_proto: onnx.ModelProto, fused_state: dict, fused_model=None,
+                      names: Optional[Iterable[str]] = None) -> dict:
+    """``{initializer name: ndarray}`` of a task for ``onnx_proto`` (see compute_task_weights)."""
+    return compute_task_weights(onnx_proto, fused_state, fused_model, names=names).values
+
+
+# --------------------------------------------------------------------------------------------
+# onnxruntime
+
+
+class TaskOrtRunner(OrtRunner):
+    """An onnxruntime session on unchanged ONNX bytes whose initializers come from a task.
+
+    Initializers are swapped with ``SessionOptions.add_initializer`` (the file is not rewritten).
+    Graph optimizations are disabled for such sessions: onnxruntime's optimizers work on the
+    file's own initializers and do not see the overrides (measured with onnxruntime 1.32: at
+    ORT_ENABLE_ALL the NCHWc transform keeps a ViT patch-embed Conv's original weights; from
+    ORT_ENABLE_BASIC on, the transpose optimizer breaks ConvNeXt's reshaped layer scales). For
+    an optimized session use :func:`bake_initializers` and a plain :class:`OrtRunner`.
+    """
+
+    def __init__(self, model, initializers: dict, providers=None,
+                 label: str = "onnxruntime (task initializers)"):
+        import onnxruntime as ort
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        if isinstance(data, (str, os.PathLike)):
+            if not os.path.isfile(data):
+                raise SSFDeployError(f"ONNX file not found: {data}")
+            with open(data, "rb") as f:
+                data = f.read()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._keep = []
+        for name, value in initializers.items():
+            ov = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            self._keep.append(ov)          # must outlive the session
+            opts.add_initializer(name, ov)
+        try:
+            self.session = ort.InferenceSession(
+                data, opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:
+            raise SSFDeployError(f"onnxruntime cannot load the model with the task's "
+                                 f"initializers: {str(e).strip().splitlines()[0][:200]}") from e
+        self.input = self.session.get_inputs()[0].name
+        self.label = label
+
+
+def bake_initializers(proto: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    """A copy of ``proto`` whose initializers hold ``values`` (same graph, new weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for init in out.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(values[init.name]), init.name))
+    return out
