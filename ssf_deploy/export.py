@@ -132,7 +132,9 @@ def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] 
     proto = onnx_bytes(model, example=example, image_size=image_size, batch_size=batch_size,
                        opset=opset, dynamic_batch=dynamic_batch, simplify=simplify)
     state = model.state_dict()
-    meta = {META_INIT: json.dumps(initializer_map(proto, state))}
+    meta = {META_INIT: json.dumps(initializer_map(proto, state)),
+            "ssf_deploy.export": json.dumps({"opset": opset, "dynamic_batch": dynamic_batch,
+                                             "simplify": simplify})}
     meta.update({f"ssf_deploy.{k}": (v if isinstance(v, str) else json.dumps(v))
                  for k, v in (metadata or {}).items()})
     for k, v in meta.items():
@@ -164,6 +166,10 @@ class OrtRunner:
                 data = f.read()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if initializers:
+            # onnxruntime 1.32 applies overrides unreliably once graph optimizations fold
+            # initializers (seen: ViT patch-embed Conv kept the old weights): run unoptimized.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self._keep = []
         for name, value in (initializers or {}).items():
             ov = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))

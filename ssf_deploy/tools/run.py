@@ -1,0 +1,139 @@
+"""``ssf-deploy run``: the main job, end to end and offline on built-in defaults.
+
+upstream pre-training (full, builtin data) -> base weights -> SSF fine-tuning -> fuse -> verify
+-> ONNX (checker, onnxsim) -> onnxruntime top-1 on the val set -> optional cost benchmark.
+Everything lands in one work folder; the report at the end is what CI logs show.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+import torch
+
+from ..errors import SSFDeployError
+
+
+def _evaluate(fn, loader) -> float:
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            out = fn(x)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            correct += int((out.argmax(-1) == y).sum())
+            total += int(y.numel())
+    return 100.0 * correct / max(total, 1)
+
+
+@click.command()
+@click.option("--model", "arch", default="test_vit", show_default=True, help="timm model.")
+@click.option("--model-kwargs", default='{"img_size": 32, "patch_size": 4}', show_default=True,
+              help="JSON kwargs for timm.create_model ({} for CNNs).")
+@click.option("--image-size", default=32, show_default=True, type=int)
+@click.option("--pretrain-epochs", default=4, show_default=True, type=int,
+              help="Upstream full training that makes the base weights (0: random base).")
+@click.option("--epochs", default=6, show_default=True, type=int, help="SSF fine-tuning epochs.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--workdir", default=os.path.join("models", "run"), show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="Finish with a small side-by-side cost benchmark.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, workdir, seed, bench,
+        as_json):
+    """Train SSF, fuse, verify, export and check ONNX end to end on built-in data, offline."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import atomic_path, build_model, read_task
+    from ..data import builtin_dataset, make_loaders
+    from ..export import OrtRunner
+    from ..models import creation_record, resolve_arch
+    from ..train import TrainConfig, train
+    from .fuse import fuse_pipeline
+
+    try:
+        kwargs = json.loads(model_kwargs) if model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise SSFDeployError(f"--model-kwargs is not JSON: {e}") from None
+    arch = resolve_arch(arch)
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.perf_counter()
+    data = builtin_dataset()
+    say = (lambda *a, **k: None) if as_json else click.echo
+    common = dict(arch=arch, model_kwargs=kwargs, dataset="builtin", image_size=image_size,
+                  batch_size=batch_size, seed=seed, workers=0, progress=not as_json,
+                  verbose=not as_json)
+
+    base_file = os.path.join(workdir, "base.safetensors")
+    if pretrain_epochs > 0:
+        say(f"[1/4] upstream pre-training: {arch}, full fine-tuning, {pretrain_epochs} epochs")
+        up = train(TrainConfig(method="full", epochs=pretrain_epochs, lr=2e-3,
+                               out=os.path.join(workdir, "upstream.pt"), **common))
+        base_model = build_model(read_task(up.checkpoint))
+    else:
+        say("[1/4] no pre-training: random-init base weights")
+        from ..models import create_base_model
+        base_model = create_base_model(arch, 10, **kwargs)
+    with atomic_path(base_file) as tmp:
+        save_file({k: v.contiguous() for k, v in base_model.state_dict().items()}, tmp)
+
+    say(f"[2/4] SSF fine-tuning from {base_file}, {epochs} epochs")
+    res = train(TrainConfig(method="ssf", epochs=epochs, lr=1e-2, warmup_epochs=1,
+                            pretrained_file=base_file, out=os.path.join(workdir, "ssf.pt"),
+                            **common))
+    model = build_model(read_task(res.checkpoint), base_weights=base_file)
+
+    say("[3/4] fuse -> verify -> ONNX -> onnxruntime")
+    loaders = make_loaders(data, image_size=image_size, batch_size=batch_size, seed=seed)
+    val_batches = [x for x, _ in loaders.val][:4]
+    rec = creation_record(model) or {}
+    onnx_path = os.path.join(workdir, "model.onnx")
+    result = fuse_pipeline(model, out=onnx_path, inputs=val_batches, atol=1e-4, rtol=1e-3,
+                           dynamic_batch=True,
+                           save_weights=os.path.join(workdir, "fused.safetensors"),
+                           save_pack=os.path.join(workdir, "task.safetensors"),
+                           arch=rec.get("arch"), num_classes=rec.get("num_classes"),
+                           model_kwargs=rec.get("kwargs"))
+    text = result.pop("text")
+    top1_torch = _evaluate(model.eval(), loaders.val)
+    top1_onnx = _evaluate(OrtRunner(onnx_path), loaders.val)
+    result["val_top1"] = {"unfused_pytorch": top1_torch, "fused_onnxruntime": top1_onnx,
+                          "train_history": res.metrics.get("top1")}
+    result["trainable_params"] = res.trainable_params
+    result["total_params"] = res.total_params
+    say(text)
+    say(f"val top-1: unfused PyTorch {top1_torch:.2f}%, fused ONNX Runtime {top1_onnx:.2f}% "
+        f"(SSF trains {res.trainable_params:,} of {res.total_params:,} parameters)")
+    if abs(top1_torch - top1_onnx) > 0:
+        raise SSFDeployError(f"fused ONNX top-1 {top1_onnx:.2f}% differs from unfused "
+                             f"{top1_torch:.2f}%")
+
+    if bench:
+        say("[4/4] cost benchmark (small, CPU): unfused methods vs fused SSF")
+        result["bench"] = _bench(arch, kwargs, image_size, workdir, say)
+    else:
+        say("[4/4] benchmark skipped (--no-bench)")
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    result["workdir"] = workdir
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(f"done in {result['seconds']} s; artefacts in {workdir}/: base.safetensors, "
+                   f"ssf.pt, model.onnx, task.safetensors, fused.safetensors")
+
+
+def _bench(arch, kwargs, image_size, workdir, say) -> dict:
+    try:
+        from ..bench import BenchConfig, run_bench
+    except ImportError as e:
+        raise SSFDeployError(f"benchmark unavailable: {e}") from None
+    cfg = BenchConfig(model=arch, model_kwargs=kwargs, num_classes=10, batch_size=8,
+                      image_size=image_size, device="cpu", methods=["ssf", "vpt-deep"],
+                      prompts=10, warmup=1, iters=3,
+                      json_path=os.path.join(workdir, "bench.json"), progress=False)
+    report = run_bench(cfg)
+    say(report.table() if hasattr(report, "table") else json.dumps(report, default=str))
+    return report.as_dict() if hasattr(report, "as_dict") else report
