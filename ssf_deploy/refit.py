@@ -332,29 +332,8 @@ class TaskOrtRunner(OrtRunner):
 
     def __init__(self, model, initializers: dict, providers=None,
                  label: str = "onnxruntime (task initializers)"):
-        import onnxruntime as ort
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        if isinstance(data, (str, os.PathLike)):
-            if not os.path.isfile(data):
-                raise SSFDeployError(f"ONNX file not found: {data}")
-            with open(data, "rb") as f:
-                data = f.read()
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self._keep = []
-        for name, value in initializers.items():
-            ov = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-            self._keep.append(ov)          # must outlive the session
-            opts.add_initializer(name, ov)
-        try:
-            self.session = ort.InferenceSession(
-                data, opts, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:
-            raise SSFDeployError(f"onnxruntime cannot load the model with the task's "
-                                 f"initializers: {str(e).strip().splitlines()[0][:200]}") from e
-        self.input = self.session.get_inputs()[0].name
-        self.label = label
+        super().__init__(model, providers=providers or ["CPUExecutionProvider"],
+                         initializers=initializers, label=label)
 
 
 def bake_initializers(proto: onnx.ModelProto, values: dict) -> onnx.ModelProto:
