@@ -78,7 +78,8 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
     report = B.run_bench(cfg, rows, isolate=isolate)
     click.echo(B.format_table(report))
     if json_path:
-        with open(json_path, "w") as f:
+        from ..checkpoint import atomic_path
+        with atomic_path(json_path) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=1)
         click.echo(f"wrote {json_path}")
     if plot_path:

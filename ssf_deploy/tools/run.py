@@ -45,7 +45,7 @@ def _evaluate(fn, loader) -> float:
 
 
 @click.command()
-@click.option("--model", "arch", default="test_convnext", show_default=True, help="timm model.")
+@click.option("--model", "arch", default="test_resnet", show_default=True, help="timm model.")
 @click.option("--model-kwargs", default="{}", show_default=True,
               help='JSON kwargs for timm.create_model, e.g. {"img_size": 32, "patch_size": 8}.')
 @click.option("--image-size", default=32, show_default=True, type=int)
@@ -134,8 +134,8 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
                              f"{top1_torch:.2f}%")
 
     if bench:
-        say("[4/4] cost benchmark (small, CPU): unfused methods vs fused SSF")
-        result["bench"] = _bench(arch, kwargs, image_size, workdir, say)
+        say("[4/4] cost benchmark (tiny ViT, CPU): base, full, ssf, ssf-fused, vpt-deep side by side")
+        result["bench"] = _bench(workdir, say)
     else:
         say("[4/4] benchmark skipped (--no-bench)")
     result["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -147,15 +147,16 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
                    f"ssf.pt, model.onnx, task.safetensors, fused.safetensors")
 
 
-def _bench(arch, kwargs, image_size, workdir, say) -> dict:
-    try:
-        from ..bench import BenchConfig, run_bench
-    except ImportError as e:
-        raise SSFDeployError(f"benchmark unavailable: {e}") from None
-    cfg = BenchConfig(model=arch, model_kwargs=kwargs, num_classes=10, batch_size=8,
-                      image_size=image_size, device="cpu", methods=["ssf", "vpt-deep"],
-                      prompts=10, warmup=1, iters=3,
-                      json_path=os.path.join(workdir, "bench.json"), progress=False)
-    report = run_bench(cfg)
-    say(report.table() if hasattr(report, "table") else json.dumps(report, default=str))
-    return report.as_dict() if hasattr(report, "as_dict") else report
+def _bench(workdir, say) -> dict:
+    """A small side-by-side run of the cost harness (ViT, since Adapter/VPT need tokens)."""
+    from .. import bench as B
+    from ..checkpoint import atomic_path
+    cfg = B.BenchConfig(arch="test_vit", model_kwargs={"img_size": 32, "patch_size": 4},
+                        num_classes=5, batch_size=16, image_size=32, device="cpu", amp=False,
+                        warmup=3, iters=10, prompts=10)
+    report = B.run_bench(cfg, B.resolve_methods("vpt-deep"), progress=False)
+    say(B.format_table(report))
+    with atomic_path(os.path.join(workdir, "bench.json")) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    return {"model": report["model"], "rows": [r["method"] for r in report["results"]],
+            "json": os.path.join(workdir, "bench.json")}
