@@ -68,6 +68,8 @@ class TrainConfig:
     amp: bool = True                    # fp16 autocast + GradScaler; CUDA only
     max_steps_per_epoch: Optional[int] = None
     crop_scale: Optional[tuple] = None  # RandomResizedCrop area range; None: timm's (builtin: 0.5-1)
+    hflip: float = 0.5                  # horizontal-flip probability (0 for digits, text...)
+    color_jitter: float = 0.4
     progress: bool = True               # tqdm bar (rank 0)
     verbose: bool = True                # one line per epoch (rank 0)
     # called on every rank after each epoch's checkpoint: fn(epoch_done, metrics); not saved
@@ -432,7 +434,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         loaders = make_loaders(data_dir, image_size=size, batch_size=cfg.batch_size,
                                workers=cfg.workers, seed=cfg.seed,
                                data_config=resolve_data_config({}, model=model),
-                               crop_scale=crop_scale, rank=d.rank, world_size=d.world,
+                               crop_scale=crop_scale, hflip=cfg.hflip,
+                               color_jitter=cfg.color_jitter, rank=d.rank, world_size=d.world,
                                drop_last=True, pin_memory=device.type == "cuda")
         steps = len(loaders.train)
         if cfg.max_steps_per_epoch:
