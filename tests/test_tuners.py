@@ -122,14 +122,17 @@ def test_bad_options_are_one_line_errors():
         sd.apply_method(m, "ssf")
 
 
-@pytest.mark.parametrize("family", ["vit", "swin", "convnext", "resnet", "efficientnet", "mixer"])
-def test_lean_gradients_equal_naive(family):
+@pytest.mark.parametrize("family,options", [
+    ("vit", {}), ("swin", {}), ("convnext", {}), ("resnet", {}), ("efficientnet", {}),
+    ("mixer", {}), ("vit", {"scalar_scale": True}), ("vit", {"shift": False}),
+    ("vit", {"scale": False}), ("resnet", {"bias_free": True})])
+def test_lean_gradients_equal_naive(family, options):
     grads = []
     for impl in ("naive", "lean"):
         # float64: a ResNet's scale gradients are sums with heavy cancellation, and fp32 rounding
         # differs between any two summation orders; in float64 both paths must agree tightly.
         model = make_model(family, seed=1).double()
-        sd.apply_method(model, "ssf", impl=impl, init_std=0.2)
+        sd.apply_method(model, "ssf", impl=impl, init_std=0.2, **options)
         model.train()
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).double()
         for _ in range(2):   # the second step uses what the first one learned about the sites

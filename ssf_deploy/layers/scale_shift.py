@@ -169,22 +169,24 @@ class _LeanScaleShift(torch.autograd.Function):
         gscale = gshift = None
         dims = _reduce_dims(grad, ctx.dim)
         acc = _acc(grad)
-        if ctx.needs_input_grad[1]:
-            with torch.no_grad():
-                if ctx.how == "recompute":
-                    x = ctx.recompute(saved).to(acc)
-                elif ctx.how == "recover":
-                    x = saved.to(acc)
+        g = grad.to(acc)
+        with torch.no_grad():
+            gsum = g.sum(dims) if (ctx.has_shift or ctx.how == "recover") else None
+            if ctx.needs_input_grad[1]:
+                if ctx.how == "recover":
+                    # sum(g * x) with x = (y - shift) / scale, without materialising x:
+                    # (sum(g * y) - shift * sum(g)) / scale, one pass over y like the naive path
+                    per_c = (g * saved.to(acc)).sum(dims)
                     if shift is not None:
-                        x = x - shift.to(acc).reshape(shape)
-                    x = x / scale.to(acc).reshape(shape)
+                        per_c = per_c - shift.to(acc) * gsum
+                    per_c = per_c / scale.to(acc)
                 else:
-                    x = saved.to(acc)
-                prod = grad.to(acc) * x
-                gscale = (prod.sum(dims) if scale.numel() > 1 else prod.sum()).reshape(scale.shape)
+                    x = ctx.recompute(saved) if ctx.how == "recompute" else saved
+                    per_c = (g * x.to(acc)).sum(dims)
+                gscale = (per_c.sum() if scale.numel() == 1 else per_c).reshape(scale.shape)
                 gscale = gscale.to(scale.dtype)
-        if ctx.has_shift and ctx.needs_input_grad[2]:
-            gshift = grad.to(acc).sum(dims).to(shift.dtype)
+            if ctx.has_shift and ctx.needs_input_grad[2]:
+                gshift = gsum.to(shift.dtype)
         return gx, gscale, gshift, None, None, None, None
 
 
