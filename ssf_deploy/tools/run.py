@@ -49,9 +49,9 @@ def _evaluate(fn, loader) -> float:
 @click.option("--model-kwargs", default="{}", show_default=True,
               help='JSON kwargs for timm.create_model, e.g. {"img_size": 32, "patch_size": 8}.')
 @click.option("--image-size", default=32, show_default=True, type=int)
-@click.option("--pretrain-epochs", default=6, show_default=True, type=int,
+@click.option("--pretrain-epochs", default=10, show_default=True, type=int,
               help="Upstream full training that makes the base weights (0: random base).")
-@click.option("--epochs", default=5, show_default=True, type=int, help="SSF fine-tuning epochs.")
+@click.option("--epochs", default=8, show_default=True, type=int, help="SSF fine-tuning epochs.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--workdir", default=os.path.join("models", "run"), show_default=True,
               type=click.Path(file_okay=False))
@@ -90,7 +90,7 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
     if pretrain_epochs > 0:
         say(f"[1/4] upstream pre-training: {arch}, full training on {', '.join(UPSTREAM)}, "
             f"{pretrain_epochs} epochs")
-        up = train(TrainConfig(method="full", epochs=pretrain_epochs, lr=2e-3, data=upstream,
+        up = train(TrainConfig(method="full", epochs=pretrain_epochs, lr=5e-3, data=upstream,
                                out=os.path.join(workdir, "upstream.pt"), **common))
         base_model = build_model(read_task(up.checkpoint))
     else:
@@ -107,7 +107,9 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
     model = build_model(read_task(res.checkpoint), base_weights=base_file)
 
     say("[3/4] fuse -> verify -> ONNX -> onnxruntime")
-    loaders = make_loaders(data, image_size=image_size, batch_size=batch_size, seed=seed)
+    from timm.data import resolve_data_config
+    loaders = make_loaders(data, image_size=image_size, batch_size=batch_size, seed=seed,
+                           data_config=resolve_data_config({}, model=model))  # as train() did
     val_batches = [x for x, _ in loaders.val][:4]
     rec = creation_record(model) or {}
     onnx_path = os.path.join(workdir, "model.onnx")
