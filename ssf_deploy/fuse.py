@@ -248,8 +248,8 @@ def _bn_in(w, b, mean, var, eps, gamma, beta, channels):
 
 
 class _Folder:
-    def __init__(self, model, state, ep, report):
-        self.model, self.state, self.report = model, dict(state), report
+    def __init__(self, state, ep, report):
+        self.state, self.report = dict(state), report
         self.g = _Graph(ep)
         self.work: dict[str, torch.Tensor] = {}
         self.dtypes = {k: v.dtype for k, v in state.items()}
@@ -382,7 +382,7 @@ class _Folder:
 
 def _fold(model, state, example, report: FuseReport) -> dict:
     ep = _trace(model, example)
-    folder = _Folder(model, state, ep, report)
+    folder = _Folder(state, ep, report)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is _SSF]
     for node in nodes:
         site, gamma, beta = folder.factors(node)

@@ -193,3 +193,31 @@ def test_verify_fp16_tolerances(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["reports"][0]["atol"] == pytest.approx(2e-2)
     assert rc == (0 if data["passed"] else 1)
+
+
+def test_failed_check_writes_no_output_at_all(tmp_path, capsys):
+    """Zero tolerance cannot pass (float rounding): every requested file must stay absent."""
+    ckpt, base = _checkpoint(tmp_path)
+    out, pack = tmp_path / "m.onnx", tmp_path / "t.safetensors"
+    rc = main(["fuse", ckpt, "--base-weights", base, "--out", str(out), "--save-pack", str(pack),
+               "--atol", "0", "--rtol", "0"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "nothing written" in captured.err
+    assert "FAIL" in captured.out
+    assert not out.exists() and not pack.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_verify_inputs_from_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    ckpt, base = _checkpoint(tmp_path)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    assert main(["verify", ckpt, "--base-weights", base, "--inputs", str(imgs), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reports"][0]["outputs"][0]["shape"] == [5, 5]
+    assert main(["verify", ckpt, "--base-weights", base, "--inputs", str(tmp_path / "none")]) == 2

@@ -4,6 +4,7 @@ Nothing is written unless every check passes: artefacts go to temp files renamed
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -39,9 +40,10 @@ def fuse_pipeline(model, *, out: Optional[str] = None, inputs: list, atol: float
     if not torch_report.passed:
         raise _Failed(result, reports, "fused PyTorch model does not match the unfused model")
 
-    with _Outputs() as outs:
+    # every output is a temp file renamed only when the whole block succeeds (atomic_path)
+    with contextlib.ExitStack() as outs:
         if out:
-            tmp = outs.add(out)
+            tmp = outs.enter_context(atomic_path(out))
             example = inputs[0][:1]
             info = export_onnx(fused, tmp, example=example, opset=opset,
                                dynamic_batch=dynamic_batch, simplify=simplify,
@@ -74,12 +76,12 @@ def fuse_pipeline(model, *, out: Optional[str] = None, inputs: list, atol: float
                 raise _Failed(result, reports, "fused ONNX graph differs from the base export")
         if save_weights:
             from safetensors.torch import save_file
-            tmp = outs.add(save_weights)
+            tmp = outs.enter_context(atomic_path(save_weights))
             save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, tmp)
             result["weights"] = save_weights
         if save_pack:
             from ..pack import save_pack as write_pack
-            tmp = outs.add(save_pack)
+            tmp = outs.enter_context(atomic_path(save_pack))
             write_pack(model, tmp, arch=arch, num_classes=num_classes, model_kwargs=model_kwargs)
             result["pack"] = {"path": save_pack, "bytes": os.path.getsize(tmp)}
             reports.append(f"task pack {save_pack}: {os.path.getsize(tmp) / 1e6:.2f} MB")
@@ -92,33 +94,6 @@ class _Failed(SSFDeployError):
     def __init__(self, result, reports, why):
         super().__init__(why)
         self.result, self.reports = result, reports
-
-
-class _Outputs:
-    """Temp files that become the real outputs only if the whole block succeeds."""
-
-    def __init__(self):
-        self._ctx = []
-
-    def add(self, path: str) -> str:
-        ctx = atomic_path(path)
-        tmp = ctx.__enter__()
-        self._ctx.append(ctx)
-        return tmp
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, ev, tb):
-        for ctx in reversed(self._ctx):
-            if et is None:
-                ctx.__exit__(None, None, None)
-            else:
-                try:
-                    ctx.__exit__(et, ev, tb)
-                except BaseException:
-                    pass
-        return False
 
 
 @click.command()
