@@ -159,3 +159,12 @@ def test_deepcopy_of_tuned_model_is_self_contained():
     with torch.no_grad():
         assert torch.allclose(clone(x), base(x), atol=1e-5)
         assert not torch.allclose(model(x), base(x), atol=1e-3)
+
+
+def test_cli_usage_errors_are_one_line(capsys):
+    from ssf_deploy.tools import main
+    assert main(["fuse", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--no-such-flag" in err[0]
+    assert main(["no-such-tool"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -64,8 +64,12 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         return 130
+    except click.UsageError as e:   # one line, like every other user error
+        hint = f" (see ssf-deploy {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        return 2
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
