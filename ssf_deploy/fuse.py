@@ -102,11 +102,14 @@ def fuse(model: nn.Module, example: Optional[torch.Tensor] = None, *,
         raise SSFDeployError(f"method '{method}' adds modules or tokens that stay at inference; "
                              f"only ssf (and the plain methods full/linear/bias) fuse to the base")
     report = FuseReport()
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # fold on the CPU (float64 maths, no device mixing); the result goes back where the model was
+    ref = next(model.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if method == "ssf" or any(k.endswith(_SSF_KEYS) for k in state):
         state = _fold(model, state, example, report)
     state = {k: v for k, v in state.items() if not k.endswith(_SSF_KEYS)}
-    base = _build_base(model, state, report)
+    base = _build_base(model, state, report).to(device)
     base.eval()
     return (base, report) if return_report else base
 

@@ -260,3 +260,18 @@ def test_fuse_sweep_real_timm_architectures(arch, size):
     with torch.no_grad():
         ref, out = model(x), fused(x)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4 * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fuse_on_cuda(dtype):
+    model, _ = tuned("convnext")
+    model = model.cuda().to(dtype)
+    fused = fuse(model)
+    assert next(fused.parameters()).device.type == "cuda"
+    assert next(fused.parameters()).dtype == dtype
+    x = torch.randn(4, 3, 32, 32, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref, out = model(x).float(), fused(x).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
