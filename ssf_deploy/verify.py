@@ -117,10 +117,18 @@ def verify(reference: Union[torch.nn.Module, Callable], candidate: Union[torch.n
     """Run both on every input batch and compare all outputs, concatenated over batches."""
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     outs_ref, outs_cand = [], []
-    with torch.inference_mode():
-        for x in batches:
-            outs_ref.append([_np(o) for o in _as_list(_call(reference, x))])
-            outs_cand.append([_np(o) for o in _as_list(_call(candidate, x))])
+    modules = [m for m in (reference, candidate) if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:      # dropout / batch statistics would make any comparison noise
+            m.eval()
+        with torch.inference_mode():
+            for x in batches:
+                outs_ref.append([_np(o) for o in _as_list(_call(reference, x))])
+                outs_cand.append([_np(o) for o in _as_list(_call(candidate, x))])
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
     ref = [np.concatenate([o[i] for o in outs_ref]) for i in range(len(outs_ref[0]))]
     cand = [np.concatenate([o[i] for o in outs_cand]) for i in range(len(outs_cand[0]))]
     return compare(ref, cand, atol=atol, rtol=rtol, names=names,
