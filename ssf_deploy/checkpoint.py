@@ -28,7 +28,24 @@ from .errors import SSFDeployError
 FORMAT = "ssf-deploy/checkpoint/1"
 SAFE_GLOBALS = [argparse.Namespace]
 
-__all__ = ["FORMAT", "Task", "atomic_path", "save_checkpoint", "load_checkpoint", "read_task"]
+__all__ = ["FORMAT", "Task", "atomic_path", "save_checkpoint", "load_checkpoint", "read_task",
+           "plain"]
+
+
+def plain(x: Any) -> Any:
+    """Reduce to containers ``torch.load(weights_only=True)`` and JSON both accept.
+
+    Tuples become lists, dict keys strings, one-element tensors numbers, anything else its str().
+    """
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    return str(x)
 
 
 @contextmanager

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .errors import SSFDeployError

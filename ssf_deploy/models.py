@@ -11,7 +11,7 @@ from torch import nn
 from .errors import SSFDeployError
 
 __all__ = ["resolve_arch", "create_base_model", "creation_record", "input_size", "head_modules",
-           "count_params", "example_input"]
+           "count_params", "example_input", "sized_kwargs"]
 
 CREATE_RECORD = "ssf_deploy_create"
 
@@ -114,3 +114,40 @@ def example_input(model: nn.Module, batch: int = 2, image_size: Optional[int] = 
         h = w = int(image_size)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, c, h, w, generator=g)
+
+
+def _meta_model(arch: str, kwargs: dict) -> nn.Module:
+    with torch.device("meta"):
+        return create_base_model(arch, 2, **kwargs)
+
+
+def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tuple[dict, int]:
+    """(create_model kwargs, image size): models with a fixed grid (ViT, Swin) get ``img_size``.
+
+    Convolutional models run at any size and reject ``img_size``; we find out by building the
+    model on the meta device, which costs no memory and downloads nothing.
+    """
+    kwargs = dict(model_kwargs or {})
+    try:
+        model = _meta_model(arch, kwargs)
+    except SSFDeployError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise SSFDeployError(f"cannot build {arch} with {kwargs}: {str(e).splitlines()[0][:160]}") \
+            from None
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        default = int(size if isinstance(size, int) else size[0])
+    else:
+        default = int(input_size(model)[1])
+    size = int(image_size or default)
+    if size != default and "img_size" not in kwargs:
+        try:
+            _meta_model(arch, dict(kwargs, img_size=size))
+            kwargs["img_size"] = size
+        except TypeError:
+            pass   # size-agnostic (convolutional) model
+        except (ValueError, AssertionError, RuntimeError) as e:
+            raise SSFDeployError(f"{arch} cannot run at --image-size {size}: "
+                                 f"{str(e).splitlines()[0][:160]}") from None
+    return kwargs, size

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint import Task, plain as _plain
 from .errors import SSFDeployError
 
 __all__ = ["is_official", "task_from_official", "family_of", "RULES", "SOURCE"]
@@ -177,19 +178,6 @@ def family_of(arch: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- conversion
-
-def _plain(v: Any) -> Any:
-    """Reduce an ``args`` value to JSON-able plain types."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item()
-    return str(v)
-
 
 def _args_dict(args: Any) -> dict:
     if isinstance(args, argparse.Namespace):
@@ -343,7 +331,6 @@ def _choose_options(mapped: dict, origin: dict, arch: str, model) -> tuple[dict,
 
 def task_from_official(obj: dict, path: str = "<checkpoint>"):
     """Turn an official SSF checkpoint into a complete :class:`~ssf_deploy.checkpoint.Task`."""
-    from .checkpoint import Task
     from .models import resolve_arch
 
     state = _state_of(obj)

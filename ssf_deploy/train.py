@@ -20,17 +20,17 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, load_checkpoint, plain as _plain, save_checkpoint
 from .data import builtin_dataset, inspect_data_dir, is_builtin_dir, make_loaders
 from .errors import SSFDeployError
-from .models import count_params, create_base_model, input_size, resolve_arch
+from .models import count_params, create_base_model, resolve_arch, sized_kwargs
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "default_out"]
@@ -99,16 +99,6 @@ def default_out(arch: str, method: str) -> str:
     return os.path.join("models", f"{arch.replace('/', '_').replace(':', '_')}-{method}.pt")
 
 
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return str(x)
-
-
 # ----------------------------------------------------------------------------- distributed
 
 @dataclass
@@ -136,7 +126,7 @@ def _setup_dist(device_kind: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
@@ -212,41 +202,8 @@ def _set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- model
 
-def _meta_model(arch: str, kwargs: dict) -> nn.Module:
-    with torch.device("meta"):
-        return create_base_model(arch, 2, **kwargs)
-
-
 def _model_kwargs(arch: str, cfg: TrainConfig) -> tuple[dict, int]:
-    """(create_model kwargs, image size): models with a fixed grid (ViT, Swin) get ``img_size``.
-
-    Convolutional models run at any size and reject ``img_size``; we find out by building the
-    model on the meta device, which costs no memory and downloads nothing.
-    """
-    kwargs = dict(cfg.model_kwargs)
-    try:
-        model = _meta_model(arch, kwargs)
-    except SSFDeployError:
-        raise
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise SSFDeployError(f"cannot build {arch} with {kwargs}: {str(e).splitlines()[0][:160]}") \
-            from None
-    if "img_size" in kwargs:
-        size = kwargs["img_size"]
-        default = int(size if isinstance(size, int) else size[0])
-    else:
-        default = int(input_size(model)[1])
-    size = int(cfg.image_size or default)
-    if size != default and "img_size" not in kwargs:
-        try:
-            _meta_model(arch, dict(kwargs, img_size=size))
-            kwargs["img_size"] = size
-        except TypeError:
-            pass   # size-agnostic (convolutional) model
-        except (ValueError, AssertionError, RuntimeError) as e:
-            raise SSFDeployError(f"{arch} cannot run at --image-size {size}: "
-                                 f"{str(e).splitlines()[0][:160]}") from None
-    return kwargs, size
+    return sized_kwargs(arch, cfg.model_kwargs, cfg.image_size)
 
 
 def _build_model(arch: str, num_classes: int, kwargs: dict, cfg: TrainConfig) -> nn.Module:

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import ssf_deploy as sd
 from ssf_deploy.tuners import METHODS, unload

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import SSFDeployError
-from ..models import create_base_model
+from ..models import create_base_model, sized_kwargs
 from ._common import emit
 
 
@@ -30,8 +30,10 @@ def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batc
 
     if not out.endswith(".onnx"):
         raise SSFDeployError(f"--out must end with .onnx: {out}")
-    model = _create(arch, num_classes, pretrained, base_weights, image_size).eval()
-    info = export_onnx(model, out, image_size=image_size, opset=opset,
+    kwargs, size = sized_kwargs(arch, {}, image_size)   # ViT/Swin take img_size, CNNs any size
+    model = create_base_model(arch, num_classes, pretrained=pretrained,
+                              pretrained_file=base_weights, **kwargs).eval()
+    info = export_onnx(model, out, image_size=size, opset=opset,
                        dynamic_batch=dynamic_batch, simplify=not no_simplify,
                        metadata={"arch": arch, "num_classes": num_classes, "fused_from": "base"})
     if save_weights:
@@ -41,14 +43,3 @@ def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batc
     emit(info, as_json, f"wrote {out}: {info['nodes']} nodes, {info['parameters']:,} parameters, "
                         f"ops {info['ops']}")
 
-
-def _create(arch, num_classes, pretrained, base_weights, image_size):
-    """Transformers take ``img_size`` at creation (position embeddings); CNNs take any size."""
-    if image_size:
-        try:
-            return create_base_model(arch, num_classes, pretrained=pretrained,
-                                     pretrained_file=base_weights, img_size=image_size)
-        except TypeError:
-            pass
-    return create_base_model(arch, num_classes, pretrained=pretrained,
-                             pretrained_file=base_weights)

@@ -11,7 +11,6 @@ import time
 from typing import Optional
 
 import click
-import torch
 
 from ..checkpoint import atomic_path
 from ..errors import SSFDeployError

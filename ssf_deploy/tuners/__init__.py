@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import plain
 from ..errors import SSFDeployError
 from ..models import count_params
 from . import full, linear, bias, adapter, vpt, ssf  # noqa: F401  (registration order = METHODS)
@@ -38,17 +39,13 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise
     unfreeze_head(model)
     object.__setattr__(model, "ssf_deploy_method",
-                       {"method": method, "options": _plain(dataclasses.asdict(cfg))})
+                       {"method": method, "options": plain(dataclasses.asdict(cfg))})
     return model
 
 
 def method_of(model: nn.Module) -> dict | None:
     """``{"method": ..., "options": {...}}`` for a model set up by ``apply_method``."""
     return getattr(model, "ssf_deploy_method", None)
-
-
-def _plain(options: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

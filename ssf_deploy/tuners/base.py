@@ -7,9 +7,8 @@ names stay untouched) and attaches forward hooks that ``torch.export`` traces li
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import SSFDeployError
