@@ -454,9 +454,9 @@ def _infer_onnxruntime(cfg, model, x, device, peak: _Peak) -> dict:
 def _infer_tensorrt(cfg, model, x, device) -> dict:
     """Same ONNX recipe as the other backends, built into an engine and timed with CUDA events."""
     from .engine import BuildOptions, TrtRunner, build_engine
-    from .export import onnx_bytes
+    from .export import export_proto
     from .refit import export_settings
-    proto = onnx_bytes(model.cpu(), example=x.detach().cpu(),
+    proto = export_proto(model.cpu(), example=x.detach().cpu(),
                        batch_size=x.shape[0], dynamic_batch=False, simplify=True)
     del model
     gc.collect()

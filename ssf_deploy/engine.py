@@ -25,14 +25,14 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path
-from .errors import SSFDeployError
+from .errors import SSFDeployError, first_line
+from .fileio import atomic_path
 
 __all__ = ["TRT_MISSING", "import_tensorrt", "require_cuda", "BuildOptions", "resolve_batches",
            "build_engine", "TrtRunner", "deserialize", "refit_engine", "sidecar_path",
@@ -50,8 +50,7 @@ def import_tensorrt():
     except ImportError:
         raise SSFDeployError(TRT_MISSING) from None
     except Exception as e:   # a broken install, e.g. libnvinfer not found
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSFDeployError(f"TensorRT is installed but cannot be imported ({msg[:160]}): "
+        raise SSFDeployError(f"TensorRT is installed but cannot be imported ({first_line(e)}): "
                              f'reinstall with pip install "ssf-deploy[tensorrt]"') from None
     return trt
 
@@ -409,6 +408,3 @@ def build_sidecar(onnx_path: str, plan: str, info: dict) -> dict:
     return {"format": "ssf-deploy/engine/1", "onnx": rel, "onnx_abs": os.path.abspath(onnx_path),
             "onnx_sha256": sha256_file(onnx_path), **info}
 
-
-def options_dict(opts: BuildOptions) -> dict:
-    return asdict(opts)

@@ -21,29 +21,42 @@ import onnx
 import torch
 from torch import nn
 
-from .checkpoint import atomic_path
-from .errors import SSFDeployError
+from .errors import SSFDeployError, first_line
+from .fileio import atomic_path
 from .models import example_input
 
-__all__ = ["export_onnx", "onnx_bytes", "graph_stats", "OrtRunner", "initializer_map",
-           "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME"]
+__all__ = ["export_onnx", "export_proto", "graph_stats", "OrtRunner", "initializer_map",
+           "read_metadata", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME"]
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 META_INIT = "ssf_deploy.initializers"
 
 
-def onnx_bytes(model: nn.Module, *, example: Optional[torch.Tensor] = None,
-               image_size: Optional[int] = None, batch_size: int = 1,
-               opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
-               simplify: bool = True) -> onnx.ModelProto:
-    """Export ``model`` (eval, fp32) and return the checked, simplified ``ModelProto``."""
-    model = model.eval()
+def export_proto(model: nn.Module, *, example: Optional[torch.Tensor] = None,
+                 image_size: Optional[int] = None, batch_size: int = 1,
+                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
+                 simplify: bool = True) -> onnx.ModelProto:
+    """Export ``model`` as it runs in eval mode, in fp32; return the checked, simplified graph.
+
+    The caller's model is left as it was (its train/eval mode and dtype are restored or, for a
+    non-fp32 model, a float copy is exported): TensorRT ``--fp16`` chooses precision itself.
+    """
     if example is None:
         example = example_input(model, batch=batch_size, image_size=image_size)
     ref = next(model.parameters(), None)
     if ref is not None and ref.dtype != torch.float32:
-        model = model.float()   # export fp32; TensorRT --fp16 chooses precision itself
+        import copy
+        model = copy.deepcopy(model).float()
+    was_training = model.training
+    model.eval()
+    try:
+        return _export(model, example, opset, dynamic_batch, simplify)
+    finally:
+        model.train(was_training)
+
+
+def _export(model, example, opset, dynamic_batch, simplify) -> onnx.ModelProto:
     buf = io.BytesIO()
     dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
@@ -54,8 +67,7 @@ def onnx_bytes(model: nn.Module, *, example: Optional[torch.Tensor] = None,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes=dyn, do_constant_folding=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSFDeployError(f"ONNX export of {type(model).__name__} failed: {msg[:200]}") from e
+        raise SSFDeployError(f"ONNX export of {type(model).__name__} failed: {first_line(e)}") from e
     proto = onnx.load_from_string(buf.getvalue())
     _check(proto, "exported")
     if simplify:
@@ -68,8 +80,7 @@ def _check(proto: onnx.ModelProto, stage: str) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        raise SSFDeployError(f"onnx.checker rejected the {stage} model: "
-                             f"{str(e).strip().splitlines()[0][:200]}") from e
+        raise SSFDeployError(f"onnx.checker rejected the {stage} model: {first_line(e)}") from e
 
 
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -81,7 +92,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         simplified, ok = onnxsim.simplify(proto)
     except Exception as e:
-        raise SSFDeployError(f"onnxsim failed: {str(e).strip().splitlines()[0][:200]}") from e
+        raise SSFDeployError(f"onnxsim failed: {first_line(e)}") from e
     if not ok:
         raise SSFDeployError("onnxsim could not validate the simplified model")
     return simplified
@@ -129,7 +140,7 @@ def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] 
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, simplify: bool = True,
                 metadata: Optional[dict] = None) -> dict:
     """Export, check, simplify and atomically write ``path``; returns graph statistics."""
-    proto = onnx_bytes(model, example=example, image_size=image_size, batch_size=batch_size,
+    proto = export_proto(model, example=example, image_size=image_size, batch_size=batch_size,
                        opset=opset, dynamic_batch=dynamic_batch, simplify=simplify)
     state = model.state_dict()
     meta = {META_INIT: json.dumps(initializer_map(proto, state)),
@@ -179,8 +190,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(
                 data, opts, providers=providers or ort.get_available_providers())
         except Exception as e:
-            raise SSFDeployError(f"onnxruntime cannot load the model: "
-                                 f"{str(e).strip().splitlines()[0][:200]}") from e
+            raise SSFDeployError(f"onnxruntime cannot load the model: {first_line(e)}") from e
         self.input = self.session.get_inputs()[0].name
         self.label = label
 

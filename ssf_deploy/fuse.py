@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .errors import SSFDeployError
+from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
 from .models import creation_record, example_input
-from .tuners import method_of, unload
+from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "FuseReport", "Fold"]
+__all__ = ["fuse", "fuse_with_report", "FuseReport", "Fold"]
 
 aten = torch.ops.aten
 _SSF = torch.ops.ssf_deploy.scale_shift.default
@@ -68,10 +68,6 @@ class FuseReport:
     added: list = field(default_factory=list)      # (param name, reason)
     keys_match_base: bool = True
 
-    @property
-    def extra_nodes(self) -> bool:
-        return bool(self.added)
-
     def as_dict(self) -> dict:
         return {"folded": len(self.folds),
                 "by_kind": {k: sum(f.how == k for f in self.folds)
@@ -93,14 +89,19 @@ class FuseReport:
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module, example: Optional[torch.Tensor] = None, *,
-         return_report: bool = False):
+def fuse(model: nn.Module, example: Optional[torch.Tensor] = None) -> nn.Module:
     """Return the base architecture holding the folded weights; ``model`` is left untouched."""
+    return fuse_with_report(model, example)[0]
+
+
+def fuse_with_report(model: nn.Module, example: Optional[torch.Tensor] = None
+                     ) -> tuple[nn.Module, "FuseReport"]:
+    """:func:`fuse`, and what it did: which sites folded where, parameters the base gained."""
     meta = method_of(model)
     method = meta["method"] if meta else None
-    if method in ("adapter", "vpt-shallow", "vpt-deep"):
-        raise SSFDeployError(f"method '{method}' adds modules or tokens that stay at inference; "
-                             f"only ssf (and the plain methods full/linear/bias) fuse to the base")
+    if method is not None and not get_tuner(method).fusable:
+        raise FuseError(f"method '{method}' adds modules or tokens that stay at inference; only "
+                        f"ssf (and the plain methods full/linear/bias) fuse to the base")
     report = FuseReport()
     # fold on the CPU (float64 maths, no device mixing); the result goes back where the model was
     ref = next(model.parameters(), None)
@@ -111,7 +112,7 @@ def fuse(model: nn.Module, example: Optional[torch.Tensor] = None, *,
     state = {k: v for k, v in state.items() if not k.endswith(_SSF_KEYS)}
     base = _build_base(model, state, report).to(device)
     base.eval()
-    return (base, report) if return_report else base
+    return base, report
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,11 +131,10 @@ def _trace(model: nn.Module, example: Optional[torch.Tensor]):
     try:
         with ssf_mode("graph"), torch.no_grad():
             return torch.export.export(model, (example,), strict=False)
-    except SSFDeployError:
+    except FuseError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSFDeployError(f"cannot trace {type(model).__name__} for fusion: {msg[:200]}") from e
+        raise FuseError(f"cannot trace {type(model).__name__} for fusion: {first_line(e)}") from e
     finally:
         model.train(was_training)
 
@@ -238,10 +238,9 @@ def _conv_in(w, b, gamma, beta, groups: int):
     return (wg * g).reshape(w.shape), b2
 
 
-def _bn_in(w, b, mean, var, eps, gamma, beta, channels):
-    """Consumer BatchNorm (eval): keep the statistics, fold into its affine."""
-    w = w if w is not None else torch.ones(channels, dtype=torch.float64)
-    b = b if b is not None else torch.zeros(channels, dtype=torch.float64)
+def _bn_in(w, b, mean, var, eps, gamma, beta):
+    """Consumer BatchNorm (eval): keep the statistics, fold into its affine (it has one:
+    ``consumers_accept`` only lets affine BatchNorms through)."""
     beta = beta if beta is not None else torch.zeros_like(mean)
     std = torch.sqrt(var + eps)
     return w * gamma, b + w * (beta - mean + gamma * mean) / std
@@ -320,30 +319,17 @@ class _Folder:
         users = list(node.users)
         if not users:
             return False
+        axis, ndim = node.args[3] % _ndim(node), _ndim(node)
         for u in users:
-            if u.op != "call_function" or not u.args or u.args[0] is not node:
+            rule = _CONSUMERS.get(u.target) if u.op == "call_function" else None
+            if rule is None or not u.args or u.args[0] is not node:
                 return False
-            if any(a is node for a in u.args[1:]):
-                return False
+            if any(a is node for a in u.args[1:]) or self.g.name(u.args[1]) is None:
+                return False   # the factors must meet a real weight, once
             names = [self.g.name(a) for a in u.args[1:] if self.g.name(a)]
             if any(self.g.uses.get(n, 0) > 1 for n in names):
                 return False
-            axis = node.args[3] % _ndim(node)
-            if u.target is aten.linear.default:
-                if axis != _ndim(node) - 1 or self.g.name(u.args[1]) is None:
-                    return False
-            elif u.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
-                if axis != 1 or self.g.name(u.args[1]) is None:
-                    return False
-                padding = list(u.args[4]) if len(u.args) > 4 else [0]
-                if beta_present and any(p != 0 for p in padding):
-                    return False   # zero padding breaks a constant shift near the border
-            elif u.target is aten.batch_norm.default:
-                if axis != 1 or u.args[5] or self.g.name(u.args[3]) is None:
-                    return False
-                if u.args[1] is None or u.args[2] is None:
-                    return False
-            else:
+            if not rule.accepts(self.g, u, axis, ndim, beta_present):
                 return False
         return True
 
@@ -352,35 +338,74 @@ class _Folder:
         for u in node.users:
             owner = _module_of(u)
             targets.append(owner)
-            if u.target is aten.linear.default:
-                w_name, b_name = self.g.name(u.args[1]), self.g.name(_arg(u, 2))
-                w2, b2 = _linear_in(self.get(w_name), self.get(b_name), gamma, beta)
-                self.put(w_name, w2)
-                if b2 is not None:
-                    self.put(b_name or f"{owner}.bias", b2, like=w_name,
-                             reason=f"{owner} had no bias to take an SSF shift")
-            elif u.target is aten.batch_norm.default:
-                w_name, b_name = self.g.name(u.args[1]), self.g.name(u.args[2])
-                m_name, v_name = self.g.name(u.args[3]), self.g.name(u.args[4])
-                w2, b2 = _bn_in(self.get(w_name), self.get(b_name), self.get(m_name),
-                                self.get(v_name), float(u.args[7]), gamma, beta, gamma.numel())
-                self.put(w_name, w2)
-                self.put(b_name, b2)
-            else:  # conv
-                w_name, b_name = self.g.name(u.args[1]), self.g.name(_arg(u, 2))
-                groups = int(u.args[6]) if len(u.args) > 6 else 1
-                w2, b2 = _conv_in(self.get(w_name), self.get(b_name), gamma, beta, groups)
-                self.put(w_name, w2)
-                if b2 is not None:
-                    self.put(b_name or f"{owner}.bias", b2, like=w_name,
-                             reason=f"{owner} had no bias to take an SSF shift")
+            _CONSUMERS[u.target].fold(self, u, owner, gamma, beta)
         return targets
+
+    def put_bias(self, b_name, owner, w_name, b2):
+        if b2 is not None:
+            self.put(b_name or f"{owner}.bias", b2, like=w_name,
+                     reason=f"{owner} had no bias to take an SSF shift")
 
     def finish(self) -> dict:
         out = dict(self.state)
         for k, v in self.work.items():
             out[k] = v.to(self.dtypes.get(k, torch.float32))
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# consumer rules: how an op absorbs a per-channel affine on its *input*, one entry per aten op
+
+
+@dataclass(frozen=True)
+class _Consumer:
+    accepts: Callable   # (graph names, node, channel axis, ndim, shift present) -> exact?
+    fold: Callable      # (folder, node, owner module, gamma, beta) -> None
+
+
+def _fold_linear(f: _Folder, u, owner, gamma, beta):
+    w_name, b_name = f.g.name(u.args[1]), f.g.name(_arg(u, 2))
+    w2, b2 = _linear_in(f.get(w_name), f.get(b_name), gamma, beta)
+    f.put(w_name, w2)
+    f.put_bias(b_name, owner, w_name, b2)
+
+
+def _conv_exact(g, u, axis, ndim, has_beta):
+    padding = list(u.args[4]) if len(u.args) > 4 else [0]
+    # zero padding makes a constant shift position-dependent near the border
+    return axis == 1 and not (has_beta and any(p != 0 for p in padding))
+
+
+def _fold_conv(f: _Folder, u, owner, gamma, beta):
+    w_name, b_name = f.g.name(u.args[1]), f.g.name(_arg(u, 2))
+    groups = int(u.args[6]) if len(u.args) > 6 else 1
+    w2, b2 = _conv_in(f.get(w_name), f.get(b_name), gamma, beta, groups)
+    f.put(w_name, w2)
+    f.put_bias(b_name, owner, w_name, b2)
+
+
+def _bn_exact(g, u, axis, ndim, has_beta):
+    # eval statistics (not training), and a named affine and running stats to absorb into
+    return axis == 1 and not u.args[5] and all(g.name(u.args[i]) for i in (1, 2, 3, 4))
+
+
+def _fold_bn(f: _Folder, u, owner, gamma, beta):
+    names = [f.g.name(u.args[i]) for i in (1, 2, 3, 4)]
+    w, b, mean, var = (f.get(n) for n in names)
+    w2, b2 = _bn_in(w, b, mean, var, float(u.args[7]), gamma, beta)
+    f.put(names[0], w2)
+    f.put(names[1], b2)
+
+
+_LINEAR = _Consumer(lambda g, u, axis, ndim, has_beta: axis == ndim - 1, _fold_linear)
+_CONV = _Consumer(_conv_exact, _fold_conv)
+_CONSUMERS = {
+    aten.linear.default: _LINEAR,
+    aten.conv1d.default: _CONV,
+    aten.conv2d.default: _CONV,
+    aten.conv3d.default: _CONV,
+    aten.batch_norm.default: _Consumer(_bn_exact, _fold_bn),
+}
 
 
 def _fold(model, state, example, report: FuseReport) -> dict:
@@ -404,7 +429,7 @@ def _fold(model, state, example, report: FuseReport) -> dict:
         else:
             why = ("its producer '" + op + "' is not a linear op it can fold into"
                    if prod is None else "its producer's weights are shared with another call")
-            raise SSFDeployError(f"cannot fuse SSF at '{site}' exactly: {why}, and its consumers "
+            raise FuseError(f"cannot fuse SSF at '{site}' exactly: {why}, and its consumers "
                                  f"cannot absorb it (only Linear, unpadded Conv and eval "
                                  f"BatchNorm can)")
     return folder.finish()
@@ -430,11 +455,11 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
     missing = set(base.state_dict()) - set(state)
     unexpected = set(state) - set(base.state_dict())
     if missing or unexpected:
-        raise SSFDeployError(f"fused weights do not fit the base architecture: missing "
+        raise FuseError(f"fused weights do not fit the base architecture: missing "
                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     bad = [k for k, v in base.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
     if bad:
-        raise SSFDeployError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+        raise FuseError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
                              f"base expects {tuple(base.state_dict()[bad[0]].shape)}")
     base.load_state_dict(state, strict=True, assign=True)
     for p in base.parameters():

@@ -32,8 +32,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .errors import SSFDeployError
-from .export import INPUT_NAME, META_INIT, OrtRunner, onnx_bytes, read_metadata
+from .errors import SSFDeployError, first_line
+from .export import INPUT_NAME, META_INIT, OrtRunner, export_proto, read_metadata
 
 __all__ = ["META_EXPORT", "TaskWeights", "export_settings", "check_task_matches",
            "task_initializers", "compute_task_weights", "TaskOrtRunner", "bake_initializers",
@@ -53,8 +53,7 @@ def load_onnx(path: str) -> onnx.ModelProto:
     try:
         proto = onnx.load(path)
     except Exception as e:  # protobuf DecodeError, OSError, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSFDeployError(f"cannot read ONNX file {path}: {msg[:160]}") from None
+        raise SSFDeployError(f"cannot read ONNX file {path}: {first_line(e)}") from None
     if not proto.graph.node or not proto.graph.input:
         raise SSFDeployError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
     return proto
@@ -203,7 +202,7 @@ def _export_like(fused_model, proto: onnx.ModelProto, settings: dict):
     tries = [settings["simplify"]] if settings.get("simplify") is not None else [True, False]
     first_diff = None
     for simplify in tries:
-        ref = onnx_bytes(fused_model, example=_example(settings), opset=settings["opset"],
+        ref = export_proto(fused_model, example=_example(settings), opset=settings["opset"],
                          dynamic_batch=settings["dynamic_batch"], simplify=simplify)
         diff = same_graph(proto, ref)
         if diff is None:

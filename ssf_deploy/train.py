@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import FORMAT, load_checkpoint, plain as _plain, save_checkpoint
 from .data import builtin_dataset, inspect_data_dir, is_builtin_dir, make_loaders
 from .errors import SSFDeployError
+from .fileio import plain as _plain
+from .formats.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .models import count_params, create_base_model, resolve_arch, sized_kwargs
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
 

@@ -11,11 +11,25 @@ from typing import Callable, Iterable, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["OutputComparison", "VerifyReport", "compare", "verify", "DEFAULT_ATOL",
-           "DEFAULT_RTOL", "FP16_ATOL", "FP16_RTOL"]
+from .errors import UsageError
+
+__all__ = ["OutputComparison", "VerifyReport", "compare", "verify", "run_outputs",
+           "resolve_tolerances", "DEFAULT_ATOL", "DEFAULT_RTOL", "FP16_ATOL", "FP16_RTOL"]
 
 DEFAULT_ATOL, DEFAULT_RTOL = 1e-4, 1e-3
 FP16_ATOL, FP16_RTOL = 2e-2, 2e-2
+
+
+def resolve_tolerances(atol: float | None, rtol: float | None, fp16: bool = False
+                       ) -> tuple[float, float]:
+    """The one tolerance policy: fp32 defaults, looser ones when fp16 kernels are allowed."""
+    if atol is None:
+        atol = FP16_ATOL if fp16 else DEFAULT_ATOL
+    if rtol is None:
+        rtol = FP16_RTOL if fp16 else DEFAULT_RTOL
+    if atol < 0 or rtol < 0:
+        raise UsageError("--atol and --rtol must be >= 0")
+    return float(atol), float(rtol)
 
 
 def _np(x) -> np.ndarray:
@@ -111,28 +125,38 @@ def _describe(x) -> str:
     return getattr(x, "label", None) or type(x).__name__
 
 
+def run_outputs(fn: Union[torch.nn.Module, Callable], batches: Iterable[torch.Tensor]
+                ) -> list[np.ndarray]:
+    """Every output of ``fn`` over ``batches``, concatenated along the batch (eval, no grad).
+
+    Computing a reference once and comparing several candidates against it is what keeps a
+    deploy run fast: the unfused model is the expensive side.
+    """
+    module = fn if isinstance(fn, torch.nn.Module) else None
+    mode = module.training if module is not None else None
+    outs = []
+    try:
+        if module is not None:      # dropout / batch statistics would make any comparison noise
+            module.eval()
+        with torch.inference_mode():
+            for x in batches:
+                outs.append([_np(o) for o in _as_list(_call(fn, x))])
+    finally:
+        if module is not None:
+            module.train(mode)
+    if not outs:
+        raise UsageError("no inputs to compare on")
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
 def verify(reference: Union[torch.nn.Module, Callable], candidate: Union[torch.nn.Module, Callable],
            inputs: Union[torch.Tensor, Iterable[torch.Tensor]], *, atol: float = DEFAULT_ATOL,
            rtol: float = DEFAULT_RTOL, names: Sequence[str] | None = None) -> VerifyReport:
     """Run both on every input batch and compare all outputs, concatenated over batches."""
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    outs_ref, outs_cand = [], []
-    modules = [m for m in (reference, candidate) if isinstance(m, torch.nn.Module)]
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:      # dropout / batch statistics would make any comparison noise
-            m.eval()
-        with torch.inference_mode():
-            for x in batches:
-                outs_ref.append([_np(o) for o in _as_list(_call(reference, x))])
-                outs_cand.append([_np(o) for o in _as_list(_call(candidate, x))])
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-    ref = [np.concatenate([o[i] for o in outs_ref]) for i in range(len(outs_ref[0]))]
-    cand = [np.concatenate([o[i] for o in outs_cand]) for i in range(len(outs_cand[0]))]
-    return compare(ref, cand, atol=atol, rtol=rtol, names=names,
-                   ref_name=_describe(reference), cand_name=_describe(candidate))
+    return compare(run_outputs(reference, batches), run_outputs(candidate, batches), atol=atol,
+                   rtol=rtol, names=names, ref_name=_describe(reference),
+                   cand_name=_describe(candidate))
 
 
 def _call(fn, x):

@@ -58,7 +58,7 @@ def test_engine_without_tensorrt(tiny_onnx, tmp_path, no_tensorrt, capsys):
 
 def test_refit_plan_without_tensorrt(tiny_onnx, tmp_path, no_tensorrt, capsys):
     from ssf_deploy.models import create_base_model
-    from ssf_deploy.pack import save_pack
+    from ssf_deploy.formats.pack import save_pack
     from ssf_deploy.tuners import apply_method
     plan = tmp_path / "tiny.plan"
     plan.write_bytes(b"\0" * 16)
@@ -134,7 +134,8 @@ def test_resolve_batches():
 
 
 def test_tolerances():
-    from ssf_deploy.tools.engine import make_batches, resolve_tolerances
+    from ssf_deploy.tools.engine import make_batches
+    from ssf_deploy.verify import resolve_tolerances
     from ssf_deploy.verify import DEFAULT_ATOL, FP16_ATOL, FP16_RTOL
     assert resolve_tolerances(None, None, True) == (FP16_ATOL, FP16_RTOL)
     assert resolve_tolerances(None, 0.5, False) == (DEFAULT_ATOL, 0.5)
@@ -390,7 +391,7 @@ def test_engine_build_run_and_refit(tmp_path, capsys):
     from safetensors.torch import save_file
     from ssf_deploy.fuse import fuse
     from ssf_deploy.models import create_base_model
-    from ssf_deploy.pack import save_pack
+    from ssf_deploy.formats.pack import save_pack
     from ssf_deploy.tuners import apply_method
 
     kw = {"img_size": 32, "patch_size": 8}

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ssf_deploy as sd
-from ssf_deploy.fuse import fuse
+from ssf_deploy.fuse import fuse, fuse_with_report
 from ssf_deploy.layers import scale_shift
 from ssf_deploy.tuners.base import add_params
 
@@ -31,7 +31,7 @@ def tuned(family, std=0.3, **options):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fuse_is_exact_and_base_architecture(family):
     model, base_shapes = tuned(family)
-    fused, report = fuse(model, return_report=True)
+    fused, report = fuse_with_report(model)
     assert type(fused) is type(model)
     assert {k: tuple(v.shape) for k, v in fused.state_dict().items()} == base_shapes
     assert report.keys_match_base and not report.added
@@ -67,7 +67,7 @@ def test_fuse_leaves_input_model_untouched():
 def test_bias_free_conv_folds_forward_into_batchnorm():
     """ResNet conv (no bias) -> SSF -> BN: the shift goes exactly into the BN, no new bias."""
     model, base_shapes = tuned("resnet", bias_free=True)
-    fused, report = fuse(model, return_report=True)
+    fused, report = fuse_with_report(model)
     assert report.as_dict()["by_kind"]["consumer"] > 0 and not report.added
     assert {k: tuple(v.shape) for k, v in fused.state_dict().items()} == base_shapes
     x = torch.randn(2, 3, 32, 32)
@@ -78,7 +78,7 @@ def test_bias_free_conv_folds_forward_into_batchnorm():
 def test_bias_free_linear_without_absorbing_consumer_gains_bias_and_says_so():
     """Swin's reduction Linear has no bias and feeds a residual: a bias must be added."""
     model, base_shapes = tuned("swin", bias_free=True)
-    fused, report = fuse(model, return_report=True)
+    fused, report = fuse_with_report(model)
     added = [n for n, _ in report.added]
     assert added and all(n.endswith(".bias") for n in added)
     assert not report.keys_match_base
@@ -97,9 +97,9 @@ class _After(nn.Module):
         self.fc = nn.Linear(c, c) if channels_last else nn.Conv2d(c, c, 1)
         self.consumer = consumer
         self.channels_last = channels_last
-        add_params(self, self, "ssf_scale", nn.Parameter(torch.rand(c) + 0.5))
+        add_params(self, "ssf_scale", nn.Parameter(torch.rand(c) + 0.5))
         if shift:
-            add_params(self, self, "ssf_shift", nn.Parameter(torch.randn(c)))
+            add_params(self, "ssf_shift", nn.Parameter(torch.randn(c)))
 
     def forward(self, x):
         h = F.gelu(self.fc(x))
@@ -111,7 +111,7 @@ class _After(nn.Module):
 
 def _check(model, x):
     model.eval()
-    fused, report = fuse(model, x, return_report=True)
+    fused, report = fuse_with_report(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
     assert not any(k.startswith("ssf") for k in fused.state_dict())
@@ -183,8 +183,8 @@ class _Shared(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(8, 8)
-        add_params(self, self.fc, "ssf_scale", nn.Parameter(torch.rand(8) + 0.5))
-        add_params(self, self.fc, "ssf_shift", nn.Parameter(torch.randn(8)))
+        add_params(self.fc, "ssf_scale", nn.Parameter(torch.rand(8) + 0.5))
+        add_params(self.fc, "ssf_shift", nn.Parameter(torch.randn(8)))
 
     def forward(self, x):
         y = self.fc(x)
@@ -255,7 +255,7 @@ def test_fuse_sweep_real_timm_architectures(arch, size):
     sd.apply_method(model, "ssf", init_std=0.2)
     model.eval()
     x = torch.randn(1, 3, size, size)
-    fused, report = fuse(model, x, return_report=True)
+    fused, report = fuse_with_report(model, x)
     assert report.keys_match_base
     with torch.no_grad():
         ref, out = model(x), fused(x)

@@ -16,10 +16,11 @@ import pytest
 import timm
 import torch
 
-from ssf_deploy.checkpoint import FORMAT, build_model, read_task
+from ssf_deploy.formats import build_model, read_task
+from ssf_deploy.formats.checkpoint import FORMAT
 from ssf_deploy.errors import SSFDeployError
-from ssf_deploy.official import is_official
-from ssf_deploy.official import _convert_base  # noqa: PLC2701  (base-key adaptation, tested directly)
+from ssf_deploy.formats.official import is_official
+from ssf_deploy.formats.official import _convert_base  # noqa: PLC2701  (base-key adaptation, tested directly)
 
 
 def _factor(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ssf_deploy.checkpoint import build_model
+from ssf_deploy.formats import build_model
 from ssf_deploy.errors import SSFDeployError
-from ssf_deploy.export import OrtRunner, export_onnx, onnx_bytes
+from ssf_deploy.export import OrtRunner, export_onnx, export_proto
 from ssf_deploy.fuse import fuse
 from ssf_deploy.models import create_base_model
-from ssf_deploy.pack import read_pack, save_pack
+from ssf_deploy.formats.pack import read_pack, save_pack
 from ssf_deploy.refit import (TaskOrtRunner, bake_initializers, check_task_matches,
                               compute_task_weights, export_settings, load_onnx, same_graph,
                               task_initializers)
@@ -221,7 +221,7 @@ def test_merged_equal_weights_are_refused():
         return m
 
     x = torch.randn(1, 8)
-    proto = onnx_bytes(mlp(True), example=x)
+    proto = export_proto(mlp(True), example=x)
     b = mlp(False)
     with pytest.raises(SSFDeployError, match="merges equal weights"):
         compute_task_weights(proto, b.state_dict(), b)
@@ -232,9 +232,9 @@ def test_export_settings_static_and_dynamic():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2))
     x = torch.randn(2, 3, 16, 16)
-    dyn = export_settings(onnx_bytes(m.eval(), example=x[:1], dynamic_batch=True))
+    dyn = export_settings(export_proto(m.eval(), example=x[:1], dynamic_batch=True))
     assert dyn["dynamic_batch"] and dyn["chw"] == (3, 16, 16) and dyn["opset"] == 17
-    static = export_settings(onnx_bytes(m, example=x, dynamic_batch=False, opset=18))
+    static = export_settings(export_proto(m, example=x, dynamic_batch=False, opset=18))
     assert not static["dynamic_batch"] and static["batch_size"] == 2 and static["opset"] == 18
 
 
@@ -249,7 +249,7 @@ def test_unknown_names_and_bad_files(tmp_path, capsys):
     rc = main(["refit", str(tmp_path / "model.txt"), "--pack", "p.safetensors"])
     assert rc == 2 and "engine" in capsys.readouterr().err
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval()
-    proto = onnx_bytes(m, example=torch.randn(1, 3, 8, 8))
+    proto = export_proto(m, example=torch.randn(1, 3, 8, 8))
     with pytest.raises(SSFDeployError, match="another ONNX"):
         compute_task_weights(proto, m.state_dict(), names=["no.such.weight"])
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssf_deploy.checkpoint import FORMAT, build_model, read_task
+from ssf_deploy.formats import build_model, read_task
+from ssf_deploy.formats.checkpoint import FORMAT
 from ssf_deploy.data import builtin_dataset, make_loaders
 from ssf_deploy.models import create_base_model
 from ssf_deploy.tools import main

@@ -164,7 +164,7 @@ def pretrain_job(backbone: str, data: str, cache: str, p: dict) -> dict:
     _init_worker()
     import torch
     from safetensors.torch import save_file
-    from ssf_deploy.checkpoint import build_model, read_task
+    from ssf_deploy.formats import build_model, read_task
     from ssf_deploy.models import create_base_model
     from ssf_deploy.train import TrainConfig, train
 
@@ -237,15 +237,15 @@ def finetune_job(backbone: str, method: str, seed: int, lr: float, data: str, we
 def fused_check(checkpoint: str, weights: str, data: str, train_top1: float, cache: str) -> dict:
     """Re-read the checkpoint, fuse, export ONNX, compare top-1 and logits on the whole val set."""
     import torch
-    from ssf_deploy.checkpoint import build_model, read_task
+    from ssf_deploy.formats import build_model, read_task
     from ssf_deploy.export import OrtRunner, export_onnx
-    from ssf_deploy.fuse import fuse
+    from ssf_deploy.fuse import fuse_with_report
     from ssf_deploy.models import count_params
 
     t0 = time.perf_counter()
     model = build_model(read_task(checkpoint), base_weights=weights).eval()
     example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    fused, report = fuse(model, example, return_report=True)
+    fused, report = fuse_with_report(model, example)
     path = os.path.splitext(checkpoint)[0] + "-fused.onnx"
     info = export_onnx(fused, path, example=example[:1])
     ort = OrtRunner(path)
@@ -271,7 +271,7 @@ def fused_check(checkpoint: str, weights: str, data: str, train_top1: float, cac
             "predictions_differing": n - agree, "max_abs_logit_diff_fused_torch": diff_torch,
             "max_abs_logit_diff_onnx": diff_onnx, "equal_top1": c_onnx == c_unf,
             "same_predictions": agree == n, "folded_sites": report.as_dict()["folded"],
-            "fused_graph_is_base": not report.extra_nodes,
+            "fused_graph_is_base": not report.added,
             "fused_params": count_params(fused)[1], "onnx_nodes": info["nodes"],
             "seconds": round(time.perf_counter() - t0, 1)}
 

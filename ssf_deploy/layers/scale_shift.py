@@ -20,17 +20,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scale_shift", "ssf_mode", "current_mode", "MODES", "LeanPolicy"]
+__all__ = ["scale_shift", "ssf_mode", "MODES", "LeanPolicy", "layer_norm_recompute"]
 
 MODES = ("lean", "naive", "graph")
 _state = threading.local()
 
 # |scale| below this makes recovering x from y ill-conditioned: keep x instead.
 _RECOVER_MIN_ABS_SCALE = 1e-3
-
-
-def current_mode(default: str = "lean") -> str:
-    return getattr(_state, "mode", None) or default
 
 
 @contextlib.contextmanager
@@ -53,6 +49,7 @@ def _bshape(x: torch.Tensor, dim: int) -> list[int]:
 
 
 def _reference(x, scale, shift, dim):
+    """Separate mul and add, exactly as the official code computes it (and autograd sees it)."""
     shape = _bshape(x, dim)
     y = x
     if scale is not None:
@@ -60,6 +57,14 @@ def _reference(x, scale, shift, dim):
     if shift is not None:
         y = y + shift.to(x.dtype).reshape(shape)
     return y
+
+
+def _inference(x, scale, shift, dim):
+    """No autograd: one fused pass (addcmul) instead of a mul and an add over the activation."""
+    if scale is None or shift is None:
+        return _reference(x, scale, shift, dim)
+    shape = _bshape(x, dim)
+    return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
 
 
 @torch.library.custom_op("ssf_deploy::scale_shift", mutates_args=())
@@ -71,32 +76,6 @@ def _graph_op(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[to
 @_graph_op.register_fake
 def _(x, scale, shift, dim):
     return torch.empty_like(x)
-
-
-def _graph_backward(ctx, grad):
-    x, scale = ctx.saved_tensors
-    dims = [d for d in range(grad.dim()) if d != ctx.dim % grad.dim()]
-    gx = grad * scale.to(grad.dtype).reshape(_bshape(grad, ctx.dim)) if scale is not None else grad
-    gscale = gshift = None
-    acc = _acc(grad)
-    if scale is not None and ctx.needs_input_grad[1]:
-        prod = grad.to(acc) * x.to(acc)
-        gscale = (prod.sum(dims) if scale.numel() > 1 else prod.sum()).reshape(scale.shape)
-        gscale = gscale.to(scale.dtype)
-    if ctx.has_shift and ctx.needs_input_grad[2]:
-        gshift = grad.to(acc).sum(dims).to(ctx.shift_dtype)
-    return gx, gscale, gshift, None
-
-
-def _graph_setup(ctx, inputs, output):
-    x, scale, shift, dim = inputs
-    ctx.dim = dim
-    ctx.has_shift = shift is not None
-    ctx.shift_dtype = shift.dtype if shift is not None else None
-    ctx.save_for_backward(x, scale)
-
-
-_graph_op.register_autograd(_graph_backward, setup_context=_graph_setup)
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -198,7 +177,9 @@ def scale_shift(x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[
     mode = getattr(_state, "mode", None) or mode or "lean"
     if mode == "graph":
         return torch.ops.ssf_deploy.scale_shift(x, scale, shift, dim)
-    if mode == "naive" or scale is None or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
+        return _inference(x, scale, shift, dim)
+    if mode == "naive" or scale is None:
         return _reference(x, scale, shift, dim)
     return _LeanScaleShift.apply(x, scale, shift, dim, recompute, recompute_input, policy)
 

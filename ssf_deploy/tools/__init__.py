@@ -1,7 +1,9 @@
 """The ``ssf-deploy`` command line: one tool per pipeline step (Polygraphy-style).
 
 Each subcommand lives in its own module and is imported only when used, so ``ssf-deploy params``
-does not pay for onnx/tensorrt imports. Every user error is one line on stderr and exit code 2.
+does not pay for onnx/tensorrt imports. CLI modules parse options and print; the work is done by
+the library. Exit codes: 0 success, 1 a check failed, 2 usage or bad input (one line on
+stderr), 130 interrupted (see :mod:`ssf_deploy.errors`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 
 import click
 
-from ..errors import SSFDeployError
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SSFDeployError
 
 # name -> (module, attribute, one-line help)
 TOOLS = {
@@ -60,14 +62,14 @@ def main(argv=None) -> int:
         return int(rv or 0)
     except SSFDeployError as e:
         click.echo(f"error: {e}", err=True)
-        return 2
+        return e.exit_code
     except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        return 130
+        click.echo("error: interrupted", err=True)
+        return EXIT_INTERRUPTED
     except click.UsageError as e:   # one line, like every other user error
         hint = f" (see ssf-deploy {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
         click.echo(f"error: {e.format_message()}{hint}", err=True)
-        return 2
+        return EXIT_BAD_INPUT
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return e.exit_code
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def run_main():  # console-script entry point

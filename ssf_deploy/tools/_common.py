@@ -1,4 +1,4 @@
-"""Loading helpers shared by fuse/verify/refit: checkpoints or packs -> tuned model, inputs."""
+"""Option handling shared by fuse/verify/refit: checkpoint or pack -> tuned model, inputs."""
 from __future__ import annotations
 
 import json
@@ -8,30 +8,26 @@ from typing import Optional
 import click
 import torch
 
-from ..checkpoint import Task, build_model, read_task
-from ..errors import SSFDeployError
+from ..errors import CheckpointError, UsageError, first_line
+from ..formats import Task, build_model, read_task
 from ..models import example_input, input_size
+
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def load_task(ckpt: Optional[str], pack: Optional[str]) -> Task:
     if ckpt and pack:
-        raise SSFDeployError("give a checkpoint or --pack, not both")
+        raise UsageError("give a checkpoint or --pack, not both")
     if not ckpt and not pack:
-        raise SSFDeployError("give a checkpoint (CKPT) or --pack task.safetensors")
-    if pack:
-        from ..pack import read_pack
-        return read_pack(pack)
-    from ..pack import is_pack
-    if is_pack(ckpt):
-        from ..pack import read_pack
-        return read_pack(ckpt)
-    return read_task(ckpt)
+        raise UsageError("give a checkpoint (CKPT) or --pack task.safetensors")
+    task = read_task(pack or ckpt)
+    if pack and task.source != "pack":
+        raise UsageError(f"--pack {pack} is not a task pack (it reads as a {task.source} "
+                         f"checkpoint): pass it as CKPT")
+    return task
 
 
 def tuned_model(task: Task, arch, num_classes, base_weights, pretrained=False):
-    if task.source == "pack" and not base_weights and not pretrained:
-        raise SSFDeployError("a pack holds only the task: pass --base-weights FILE "
-                             "(or --pretrained to fetch the base from the timm hub)")
     return build_model(task, arch=arch, num_classes=num_classes, base_weights=base_weights,
                        pretrained=pretrained)
 
@@ -39,15 +35,17 @@ def tuned_model(task: Task, arch, num_classes, base_weights, pretrained=False):
 def make_inputs(spec: str, model, batch_size: int, image_size: Optional[int],
                 seed: int = 0) -> list[torch.Tensor]:
     """``N`` -> N seeded random batches; ``DIR`` -> images from a folder, model's eval transform."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if spec is None or str(spec).isdigit():
         n = int(spec or 2)
         if n < 1:
-            raise SSFDeployError("--inputs N must be >= 1")
+            raise UsageError("--inputs N must be >= 1")
         return [example_input(model, batch=batch_size, image_size=image_size, seed=seed + i)
                 for i in range(n)]
     if not os.path.isdir(spec):
-        raise SSFDeployError(f"--inputs must be a number of random batches or a folder of images: "
-                             f"{spec!r} is neither")
+        raise UsageError(f"--inputs must be a number of random batches or a folder of images: "
+                         f"{spec!r} is neither")
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
     cfg = resolve_data_config({}, model=model)
@@ -56,19 +54,28 @@ def make_inputs(spec: str, model, batch_size: int, image_size: Optional[int],
     else:
         cfg["input_size"] = input_size(model)
     tf = create_transform(**cfg, is_training=False)
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(spec) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+    # followlinks: class folders are often symlinks (the main job's own data split is)
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(spec, followlinks=True) for f in fs
+                   if f.lower().endswith(_IMAGE_EXTS))
     if not files:
-        raise SSFDeployError(f"no images found under {spec}")
+        raise UsageError(f"no images found under {spec}")
     tensors = []
     for f in files[: 8 * batch_size]:
         try:
-            tensors.append(tf(Image.open(f).convert("RGB")))
+            with Image.open(f) as img:
+                tensors.append(tf(img.convert("RGB")))
         except OSError as e:
-            raise SSFDeployError(f"cannot read image {f}: {e}") from None
+            raise CheckpointError(f"cannot read image {f}: {first_line(e)}") from None
     x = torch.stack(tensors)
     return list(x.split(batch_size))
 
 
 def emit(data: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def progress_printer(enabled: bool):
+    """Stage lines on stderr (stdout stays clean for --json)."""
+    if not enabled:
+        return None
+    return lambda msg: click.echo(f"  {msg}", err=True)

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..errors import SSFDeployError
+from ..errors import UsageError
 
 
 @click.command()
@@ -53,23 +53,23 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
     cuda = device.startswith("cuda")
     for name, v in (("--batch-size", batch_size), ("--num-classes", num_classes)):
         if v < 1:
-            raise SSFDeployError(f"{name} must be >= 1, got {v}")
+            raise UsageError(f"{name} must be >= 1, got {v}")
     if iters is not None and iters < 1:
-        raise SSFDeployError(f"--iters must be >= 1, got {iters}")
+        raise UsageError(f"--iters must be >= 1, got {iters}")
     if warmup is not None and warmup < 0:
-        raise SSFDeployError(f"--warmup must be >= 0, got {warmup}")
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
     if prompts is not None and prompts < 1:
-        raise SSFDeployError(f"--prompts must be >= 1, got {prompts}")
+        raise UsageError(f"--prompts must be >= 1, got {prompts}")
     if adapter_dim is not None and adapter_dim < 1:
-        raise SSFDeployError(f"--adapter-dim must be >= 1, got {adapter_dim}")
+        raise UsageError(f"--adapter-dim must be >= 1, got {adapter_dim}")
     if image_size is not None and image_size < 1:
-        raise SSFDeployError(f"--image-size must be >= 1, got {image_size}")
+        raise UsageError(f"--image-size must be >= 1, got {image_size}")
     try:
         kwargs = json.loads(model_kwargs) if model_kwargs else {}
     except json.JSONDecodeError as e:
-        raise SSFDeployError(f"--model-kwargs is not JSON: {e}") from None
+        raise UsageError(f"--model-kwargs is not JSON: {e}") from None
     if not isinstance(kwargs, dict):
-        raise SSFDeployError("--model-kwargs must be a JSON object")
+        raise UsageError("--model-kwargs must be a JSON object")
     cfg = B.BenchConfig(arch=resolve_arch(arch), num_classes=num_classes, batch_size=batch_size,
                         image_size=image_size, device=device, amp=cuda if amp is None else amp,
                         backend=backend, warmup=(5 if cuda else 1) if warmup is None else warmup,
@@ -78,7 +78,7 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
     report = B.run_bench(cfg, rows, isolate=isolate)
     click.echo(B.format_table(report))
     if json_path:
-        from ..checkpoint import atomic_path
+        from ..fileio import atomic_path
         with atomic_path(json_path) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=1)
         click.echo(f"wrote {json_path}")

@@ -10,7 +10,7 @@ import os
 import click
 import torch
 
-from ..errors import SSFDeployError
+from ..errors import UsageError, VerificationError
 from ._common import emit
 
 
@@ -20,17 +20,6 @@ def make_batches(chw, batches, n: int, seed: int = 0) -> list:
     sizes = [op] * max(1, n) + [b for b in dict.fromkeys((mn, mx)) if b != op]
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, *chw, generator=g) for b in sizes]
-
-
-def resolve_tolerances(atol, rtol, fp16: bool) -> tuple[float, float]:
-    from ..verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL
-    if atol is None:
-        atol = FP16_ATOL if fp16 else DEFAULT_ATOL
-    if rtol is None:
-        rtol = FP16_RTOL if fp16 else DEFAULT_RTOL
-    if atol < 0 or rtol < 0:
-        raise SSFDeployError("--atol and --rtol must be >= 0")
-    return atol, rtol
 
 
 @click.command()
@@ -61,14 +50,14 @@ def engine(onnx_path, out, fp16, workspace_gb, min_batch, opt_batch, max_batch, 
     from .. import engine as E
     from ..export import OrtRunner, graph_stats
     from ..refit import export_settings, load_onnx
-    from ..verify import verify
+    from ..verify import resolve_tolerances, verify
 
     if not out.endswith(E.PLAN_SUFFIXES):
-        raise SSFDeployError(f"--out must end with {'/'.join(E.PLAN_SUFFIXES)}: {out}")
+        raise UsageError(f"--out must end with {'/'.join(E.PLAN_SUFFIXES)}: {out}")
     if workspace_gb <= 0:
-        raise SSFDeployError("--workspace-gb must be > 0")
+        raise UsageError("--workspace-gb must be > 0")
     if n_inputs < 1 or iters < 1 or warmup < 0:
-        raise SSFDeployError("--inputs and --iters must be >= 1, --warmup >= 0")
+        raise UsageError("--inputs and --iters must be >= 1, --warmup >= 0")
     proto = load_onnx(onnx_path)
     settings = export_settings(proto)
     batches = E.resolve_batches(settings, min_batch, opt_batch, max_batch)
@@ -102,14 +91,14 @@ def engine(onnx_path, out, fp16, workspace_gb, min_batch, opt_batch, max_batch, 
               "latency": lat, "passed": report.passed}
     if not report.passed:
         emit(result, as_json, "\n".join(lines))
-        raise SSFDeployError(f"TensorRT output does not match onnxruntime (atol={atol:g}, "
+        raise VerificationError(f"TensorRT output does not match onnxruntime (atol={atol:g}, "
                              f"rtol={rtol:g}) — nothing written")
     sidecar = E.build_sidecar(onnx_path, out, {**info, "latency": lat,
                                                "verify_max_abs": [o.max_abs for o in
                                                                   report.outputs]})
     E.write_plan(out, plan, sidecar)
     if cache is not None:
-        from ..checkpoint import atomic_path
+        from ..fileio import atomic_path
         with atomic_path(timing_cache) as tmp:
             with open(tmp, "wb") as f:
                 f.write(cache)

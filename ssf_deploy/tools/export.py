@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import SSFDeployError
+from ..errors import UsageError
 from ..models import create_base_model, sized_kwargs
 from ._common import emit
 
@@ -25,11 +25,11 @@ from ._common import emit
 def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batch, no_simplify,
            image_size, save_weights, as_json):
     """Export the plain base model to ONNX (reference for node counts and TensorRT)."""
-    from ..checkpoint import atomic_path
     from ..export import export_onnx
+    from ..fileio import save_safetensors
 
     if not out.endswith(".onnx"):
-        raise SSFDeployError(f"--out must end with .onnx: {out}")
+        raise UsageError(f"--out must end with .onnx: {out}")
     kwargs, size = sized_kwargs(arch, {}, image_size)   # ViT/Swin take img_size, CNNs any size
     model = create_base_model(arch, num_classes, pretrained=pretrained,
                               pretrained_file=base_weights, **kwargs).eval()
@@ -37,9 +37,7 @@ def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batc
                        dynamic_batch=dynamic_batch, simplify=not no_simplify,
                        metadata={"arch": arch, "num_classes": num_classes, "fused_from": "base"})
     if save_weights:
-        from safetensors.torch import save_file
-        with atomic_path(save_weights) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        save_safetensors(model.state_dict(), save_weights)
     emit(info, as_json, f"wrote {out}: {info['nodes']} nodes, {info['parameters']:,} parameters, "
                         f"ops {info['ops']}")
 

@@ -19,7 +19,7 @@ import time
 import click
 import torch
 
-from ..errors import SSFDeployError
+from ..errors import UsageError, VerificationError
 from ._common import emit, load_task, tuned_model
 
 
@@ -57,27 +57,27 @@ def refit(target, pack, base_weights, pretrained, onnx_opt, out, atol, rtol, n_i
 
     is_plan = target.endswith(E.PLAN_SUFFIXES)
     if not is_plan and not target.endswith(".onnx"):
-        raise SSFDeployError(f"refit takes an engine ({'/'.join(E.PLAN_SUFFIXES)}) or an .onnx "
+        raise UsageError(f"refit takes an engine ({'/'.join(E.PLAN_SUFFIXES)}) or an .onnx "
                              f"file: {target}")
     if n_inputs < 1 or batch_size < 1:
-        raise SSFDeployError("--inputs and --batch-size must be >= 1")
+        raise UsageError("--inputs and --batch-size must be >= 1")
     if out:
         want = E.PLAN_SUFFIXES if is_plan else (".onnx",)
         if not out.endswith(want):
-            raise SSFDeployError(f"--out must end with {'/'.join(want)} for this target: {out}")
+            raise UsageError(f"--out must end with {'/'.join(want)} for this target: {out}")
     if is_plan:
         if not os.path.isfile(target):
-            raise SSFDeployError(f"engine file not found: {target}")
+            raise UsageError(f"engine file not found: {target}")
         onnx_path = E.resolve_onnx_for_plan(target, onnx_opt)
     else:
         if onnx_opt:
-            raise SSFDeployError("--onnx is for .plan targets (the .onnx target is the graph)")
+            raise UsageError("--onnx is for .plan targets (the .onnx target is the graph)")
         onnx_path = target
     proto = load_onnx(onnx_path)
     settings = export_settings(proto)
     task = load_task(None, pack)
     if task.method != "ssf":
-        raise SSFDeployError(f"the pack holds method '{task.method}'; only ssf refits")
+        raise UsageError(f"the pack holds method '{task.method}'; only ssf refits")
     check_task_matches(proto, task, source=onnx_path)
     trt = None
     if is_plan:   # before the heavy work: without TensorRT a .plan cannot be used at all
@@ -121,11 +121,11 @@ def _refit_onnx(onnx_path, proto, model, fused, out, atol, rtol, inputs, as_json
               "verify": report.as_dict(), "passed": report.passed}
     if not report.passed:
         emit(result, as_json, "\n".join(lines))
-        raise SSFDeployError("onnxruntime with the task's initializers does not match the task's "
+        raise VerificationError("onnxruntime with the task's initializers does not match the task's "
                              "unfused model — nothing written")
     if out:
         import onnx
-        from ..checkpoint import atomic_path
+        from ..fileio import atomic_path
         baked = bake_initializers(proto, weights.values)
         with atomic_path(out) as tmp:
             onnx.save(baked, tmp)
@@ -135,7 +135,7 @@ def _refit_onnx(onnx_path, proto, model, fused, out, atol, rtol, inputs, as_json
 
 
 def _tol(atol, rtol, fp16):
-    from .engine import resolve_tolerances
+    from ..verify import resolve_tolerances
     return resolve_tolerances(atol, rtol, fp16)
 
 
@@ -191,7 +191,7 @@ def _refit_plan(trt, plan, onnx_path, proto, settings, task, model, fused, out, 
               "passed": report.passed}
     if not report.passed:
         emit(result, as_json, "\n".join(lines))
-        raise SSFDeployError("the refitted engine does not match onnxruntime for this task — "
+        raise VerificationError("the refitted engine does not match onnxruntime for this task — "
                              "nothing written")
     if out:
         data = bytes(memoryview(engine.serialize()))

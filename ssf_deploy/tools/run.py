@@ -14,7 +14,7 @@ import time
 import click
 import torch
 
-from ..errors import SSFDeployError
+from ..errors import UsageError, VerificationError
 
 
 UPSTREAM = ("circle", "square", "triangle", "ring", "cross")
@@ -62,19 +62,18 @@ def _evaluate(fn, loader) -> float:
 def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, workdir, seed, bench,
         as_json):
     """Train SSF, fuse, verify, export and check ONNX end to end on built-in data, offline."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_path, build_model, read_task
     from ..data import builtin_dataset, make_loaders
+    from ..deploy import deploy
     from ..export import OrtRunner
+    from ..fileio import save_safetensors
+    from ..formats import build_model, read_task
     from ..models import creation_record, resolve_arch
     from ..train import TrainConfig, train
-    from .fuse import fuse_pipeline
 
     try:
         kwargs = json.loads(model_kwargs) if model_kwargs else {}
     except json.JSONDecodeError as e:
-        raise SSFDeployError(f"--model-kwargs is not JSON: {e}") from None
+        raise UsageError(f"--model-kwargs is not JSON: {e}") from None
     arch = resolve_arch(arch)
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
@@ -97,8 +96,7 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
         say("[1/4] no pre-training: random-init base weights")
         from ..models import create_base_model
         base_model = create_base_model(arch, len(UPSTREAM), **kwargs)
-    with atomic_path(base_file) as tmp:
-        save_file({k: v.contiguous() for k, v in base_model.state_dict().items()}, tmp)
+    save_safetensors(base_model.state_dict(), base_file)
 
     say(f"[2/4] SSF fine-tuning on {', '.join(DOWNSTREAM)} from {base_file}, {epochs} epochs")
     res = train(TrainConfig(method="ssf", epochs=epochs, lr=1e-2, warmup_epochs=1, data=data,
@@ -113,13 +111,17 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
     val_batches = [x for x, _ in loaders.val][:4]
     rec = creation_record(model) or {}
     onnx_path = os.path.join(workdir, "model.onnx")
-    result = fuse_pipeline(model, out=onnx_path, inputs=val_batches, atol=1e-4, rtol=1e-3,
-                           dynamic_batch=True,
-                           save_weights=os.path.join(workdir, "fused.safetensors"),
-                           save_pack=os.path.join(workdir, "task.safetensors"),
-                           arch=rec.get("arch"), num_classes=rec.get("num_classes"),
-                           model_kwargs=rec.get("kwargs"))
-    text = result.pop("text")
+    report = deploy(model, val_batches, out=onnx_path, atol=1e-4, rtol=1e-3, dynamic_batch=True,
+                    save_weights=os.path.join(workdir, "fused.safetensors"),
+                    save_pack=os.path.join(workdir, "task.safetensors"),
+                    pack_info={"arch": rec.get("arch"), "num_classes": rec.get("num_classes"),
+                               "model_kwargs": rec.get("kwargs")},
+                    compare_graph="always",
+                    onnx_metadata={"arch": rec.get("arch") or "",
+                                   "num_classes": rec.get("num_classes") or 0,
+                                   "fused_from": "ssf"})
+    result = report.as_dict()
+    text = str(report)
     top1_torch = _evaluate(model.eval(), loaders.val)
     top1_onnx = _evaluate(OrtRunner(onnx_path), loaders.val)
     result["val_top1"] = {"unfused_pytorch": top1_torch, "fused_onnxruntime": top1_onnx,
@@ -132,7 +134,7 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
         f"{top1_onnx:.2f}% "
         f"(SSF trains {res.trainable_params:,} of {res.total_params:,} parameters; chance 20%)")
     if abs(top1_torch - top1_onnx) > 0:
-        raise SSFDeployError(f"fused ONNX top-1 {top1_onnx:.2f}% differs from unfused "
+        raise VerificationError(f"fused ONNX top-1 {top1_onnx:.2f}% differs from unfused "
                              f"{top1_torch:.2f}%")
 
     if bench:
@@ -152,13 +154,12 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
 def _bench(workdir, say) -> dict:
     """A small side-by-side run of the cost harness (ViT, since Adapter/VPT need tokens)."""
     from .. import bench as B
-    from ..checkpoint import atomic_path
+    from ..fileio import write_json
     cfg = B.BenchConfig(arch="test_vit", model_kwargs={"img_size": 32, "patch_size": 4},
                         num_classes=5, batch_size=16, image_size=32, device="cpu", amp=False,
                         warmup=3, iters=10, prompts=10)
     report = B.run_bench(cfg, B.resolve_methods("vpt-deep"), progress=False)
     say(B.format_table(report))
-    with atomic_path(os.path.join(workdir, "bench.json")) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(report, os.path.join(workdir, "bench.json"))
     return {"model": report["model"], "rows": [r["method"] for r in report["results"]],
             "json": os.path.join(workdir, "bench.json")}

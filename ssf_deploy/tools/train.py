@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import SSFDeployError
+from ..errors import UsageError
 from ..tuners import METHODS
 from ._options import method_options, parse_method_options
 
@@ -18,7 +18,7 @@ def _model_args(pairs) -> dict:
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SSFDeployError(f"--model-arg expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--model-arg expects KEY=VALUE, got {pair!r}")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -75,7 +75,7 @@ def train(arch, method, model_args, pretrained, pretrained_file, data, dataset, 
     from ..train import TrainConfig, train as run_training
 
     if pretrained and pretrained_file:
-        raise SSFDeployError("pass --pretrained or --pretrained-file, not both")
+        raise UsageError("pass --pretrained or --pretrained-file, not both")
     cfg = TrainConfig(arch=arch, method=method, method_options=parse_method_options(method, raw),
                       model_kwargs=_model_args(model_args), pretrained=pretrained,
                       pretrained_file=pretrained_file, data=data, dataset=dataset,

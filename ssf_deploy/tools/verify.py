@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 import torch
 
-from ..errors import SSFDeployError
-from ..verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, verify as run_verify
+from ..errors import UsageError, VerificationError
+from ..verify import (DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, compare,
+                      resolve_tolerances, run_outputs)
 from ._common import emit, load_task, make_inputs, tuned_model
 
 
@@ -45,8 +46,7 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     from ..export import OrtRunner
     from ..fuse import fuse
 
-    atol = atol if atol is not None else (FP16_ATOL if fp16 else DEFAULT_ATOL)
-    rtol = rtol if rtol is not None else (FP16_RTOL if fp16 else DEFAULT_RTOL)
+    atol, rtol = resolve_tolerances(atol, rtol, fp16)
     task = load_task(ckpt, pack)
     model = tuned_model(task, arch, num_classes, base_weights, pretrained)
     inputs = make_inputs(inputs_spec, model, batch_size, image_size)
@@ -58,17 +58,17 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
         if isinstance(shape[0], int) and shape[0] != inputs[0].shape[0]:
             inputs = [x[i:i + shape[0]] for x in inputs for i in range(0, x.shape[0], shape[0])]
         if isinstance(shape[2], int) and shape[2] != inputs[0].shape[2]:
-            raise SSFDeployError(f"{onnx_path} expects {shape[2]}x{shape[3]} inputs, the model "
+            raise UsageError(f"{onnx_path} expects {shape[2]}x{shape[3]} inputs, the model "
                                  f"{inputs[0].shape[2]}x{inputs[0].shape[3]}: pass --image-size")
         candidates.append(("fused (onnxruntime)", runner))
+    reference = run_outputs(model, inputs)     # once, for every candidate
     reports = []
     for label, cand in candidates:
-        r = run_verify(model, cand, inputs, atol=atol, rtol=rtol, names=["logits"])
-        r.reference, r.candidate = "unfused (PyTorch)", label if not fp16 or "onnx" in label \
-            else getattr(cand, "label", label)
-        reports.append(r)
+        label = getattr(cand, "label", label) if fp16 and "onnx" not in label else label
+        reports.append(compare(reference, run_outputs(cand, inputs), atol=atol, rtol=rtol,
+                               names=["logits"], ref_name="unfused (PyTorch)", cand_name=label))
     ok = all(r.passed for r in reports)
     emit({"passed": ok, "reports": [r.as_dict() for r in reports]}, as_json,
          "\n".join(str(r) for r in reports) + f"\n{'PASS' if ok else 'FAIL'}")
     if not ok:
-        click.get_current_context().exit(1)
+        raise VerificationError("the deployed model does not match the trained one")

@@ -11,20 +11,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import plain
-from ..errors import SSFDeployError
-from ..models import count_params
+from ..errors import CheckpointError, UsageError
+from ..fileio import plain
 from . import full, linear, bias, adapter, vpt, ssf  # noqa: F401  (registration order = METHODS)
-from .base import METHODS, freeze_backbone, get_tuner, unfreeze_head, unload
+from .base import METHODS, freeze_backbone, get_tuner, infer_method, tuners, unfreeze_head, unload
 
-__all__ = ["apply_method", "count_params", "method_of", "trainable_state_dict",
-           "load_trainable_state", "METHODS", "unload"]
+__all__ = ["apply_method", "method_of", "trainable_state_dict", "load_trainable_state", "METHODS",
+           "unload", "get_tuner", "tuners", "infer_method"]
 
 
 def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """Insert ``method``'s modules into ``model`` in place, set trainability, return ``model``."""
     if method_of(model) is not None:
-        raise SSFDeployError(f"model already carries method '{method_of(model)['method']}'")
+        raise UsageError(f"model already carries method '{method_of(model)['method']}'")
     tuner = get_tuner(method)
     cfg = tuner.make_config(**options)
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -49,21 +48,34 @@ def method_of(model: nn.Module) -> dict | None:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a task changes: trainable parameters plus every buffer (BN statistics move too)."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().clone() for n, b in model.named_buffers() if b is not None})
-    return state
+    """What a task changes: trainable parameters plus every buffer (BN statistics move too).
+
+    This is the one definition of "the task": checkpoints and packs both store exactly it.
+    """
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    own = model.state_dict(keep_vars=True)
+    state.update({n: b for n, b in own.items() if n not in state and not isinstance(b, nn.Parameter)})
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = model.state_dict()
     missing = [k for k in state if k not in own]
     if missing:
-        raise SSFDeployError(f"checkpoint does not match the model: unknown key(s) "
-                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        raise CheckpointError(f"checkpoint does not match the model: unknown key(s) "
+                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint entry '{bad[0]}' is a {type(state[bad[0]]).__name__}, "
+                              f"not a tensor")
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
-        raise SSFDeployError(f"checkpoint does not match the model: {k} has shape "
-                             f"{tuple(state[k].shape)}, model expects {tuple(own[k].shape)}")
+        raise CheckpointError(f"checkpoint does not match the model: {k} has shape "
+                              f"{tuple(state[k].shape)}, model expects {tuple(own[k].shape)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() != own[k].is_floating_point()]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"checkpoint does not match the model: {k} is {state[k].dtype}, "
+                              f"model expects {own[k].dtype}")
     model.load_state_dict(state, strict=False)

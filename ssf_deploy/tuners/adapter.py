@@ -5,12 +5,12 @@ The placement and default width follow the Adapter baseline the paper reuses fro
 Table 5's 0.31M trainable parameters. The up-projection starts at zero so the adapted model
 starts as the pre-trained one.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import SSFDeployError
+from ..errors import SSFDeployError, UsageError
 from .base import Tuner, add_hook, add_params, register, transformer_blocks
 
 
@@ -30,31 +30,36 @@ class Bottleneck(nn.Module):
 @register
 class Adapter(Tuner):
     name = "adapter"
+    fusable = False          # the bottleneck stays in the deployed graph
+    key_pattern = r"\.adapter\."
 
     @dataclass
     class Config:
-        dim: int = 12          # bottleneck width d'
-        act: str = "gelu"
+        dim: int = field(default=12, metadata={"cli": "--adapter-dim",
+                                               "help": "Adapter bottleneck width d' (12)."})
+        act: str = field(default="gelu", metadata={"cli": "--adapter-act",
+                                                   "choices": ("gelu", "relu"),
+                                                   "help": "Adapter non-linearity (gelu)."})
 
         def validate(self):
             if int(self.dim) < 1:
-                raise SSFDeployError(f"adapter dim must be >= 1, got {self.dim}")
+                raise UsageError(f"adapter dim must be >= 1, got {self.dim}")
             if self.act not in ("gelu", "relu"):
-                raise SSFDeployError(f"adapter act must be gelu or relu, got {self.act!r}")
+                raise UsageError(f"adapter act must be gelu or relu, got {self.act!r}")
 
     @classmethod
     def inject(cls, model, cfg):
         blocks = transformer_blocks(model)
         if not blocks:
-            raise SSFDeployError(
+            raise UsageError(
                 f"adapter needs transformer blocks (modules with .attn and .mlp); "
                 f"{type(model).__name__} has none — use ssf, bias, linear or full")
         for _, block in blocks:
             mlp = block.mlp
             out_dim = _mlp_out_features(mlp)
             adapter = Bottleneck(out_dim, int(cfg.dim), cfg.act)
-            add_params(model, mlp, "adapter", adapter)
-            add_hook(model, mlp, _residual)
+            add_params(mlp, "adapter", adapter)
+            add_hook(mlp, _residual)
 
 
 def _residual(mlp, args, out):

@@ -7,21 +7,24 @@ names stay untouched) and attaches forward hooks that ``torch.export`` traces li
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+import re
+from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
 
-from ..errors import SSFDeployError
+from ..errors import SSFDeployError, UsageError
 from ..models import head_modules
 
-__all__ = ["Tuner", "register", "get_tuner", "METHODS", "add_hook", "add_params", "unload",
-           "freeze_backbone", "transformer_blocks"]
+__all__ = ["Tuner", "register", "get_tuner", "tuners", "METHODS", "add_hook", "add_params",
+           "unload", "freeze_backbone", "transformer_blocks", "infer_method", "owner_of",
+           "set_owner"]
 
 _REGISTRY: dict[str, type["Tuner"]] = {}
 METHODS: list[str] = []
 
 _ADDED = "_ssf_deploy_added"   # per-module list of attribute names a method registered
 _MARK = "__ssf_deploy_hook__"  # set on every hook function a method attaches
+_OWNER = "_ssf_deploy_owner"   # module whose parameters a hook on another module reads
 
 def register(cls: type["Tuner"]) -> type["Tuner"]:
     _REGISTRY[cls.name] = cls
@@ -31,28 +34,51 @@ def register(cls: type["Tuner"]) -> type["Tuner"]:
 
 def get_tuner(method: str) -> type["Tuner"]:
     if method not in _REGISTRY:
-        raise SSFDeployError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        raise UsageError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
     return _REGISTRY[method]
 
 
+def tuners() -> list[type["Tuner"]]:
+    """Every registered method, in registration order."""
+    return [_REGISTRY[m] for m in METHODS]
+
+
 class Tuner:
-    """A tuning method: a config dataclass plus ``inject``; trainability is derived from it."""
+    """A tuning method: a config dataclass plus ``inject``; trainability is derived from it.
+
+    Capabilities live on the class, so tools never keep their own lists of methods:
+    ``fusable`` (deploys as the unchanged base graph), ``adds_tokens`` (changes the sequence),
+    ``key_pattern`` (regex matching the state keys only this method creates; lets a plain state
+    dict say which method made it). CLI options come from the Config fields' ``metadata``
+    (``cli``, ``help``, ``flag``, ``csv``, ``choices``).
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     freezes_backbone: ClassVar[bool] = True
+    fusable: ClassVar[bool] = True
+    adds_tokens: ClassVar[bool] = False
+    key_pattern: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def matches(cls, state: dict) -> bool:
+        """Does a state dict carry this method's own parameters?"""
+        if cls.key_pattern is None:
+            return False
+        pattern = re.compile(cls.key_pattern)
+        return any(pattern.search(k) for k in state)
 
     @classmethod
     def make_config(cls, **options: Any):
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(options) - fields)
         if unknown:
-            raise SSFDeployError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
+            raise UsageError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
                                  f"valid: {', '.join(sorted(fields)) or 'none'}")
         try:
             cfg = cls.Config(**options)
         except (TypeError, ValueError) as e:
-            raise SSFDeployError(f"bad option for method '{cls.name}': {e}") from e
+            raise UsageError(f"bad option for method '{cls.name}': {e}") from e
         validate = getattr(cfg, "validate", None)
         if validate:
             validate()
@@ -63,7 +89,15 @@ class Tuner:
         raise NotImplementedError
 
 
-def add_params(model: nn.Module, module: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
+def infer_method(state: dict) -> str:
+    """The method whose own keys a state dict carries (``full`` when none does)."""
+    for tuner in tuners():
+        if tuner.matches(state):
+            return tuner.name
+    return "full"
+
+
+def add_params(module: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
     """Register a new parameter/submodule on ``module``; the name is remembered for ``unload``.
 
     The record lives on the module itself, so a ``deepcopy`` of a tuned model unloads correctly.
@@ -77,7 +111,16 @@ def add_params(model: nn.Module, module: nn.Module, name: str, value: nn.Module 
     module.__dict__.setdefault(_ADDED, []).append(name)
 
 
-def add_hook(model: nn.Module, module: nn.Module, fn: Callable, *, pre: bool = False,
+def set_owner(module: nn.Module, owner: nn.Module) -> None:
+    """Let hooks on ``module`` reach ``owner``'s parameters; ``deepcopy`` remaps the reference."""
+    module.__dict__[_OWNER] = owner
+
+
+def owner_of(module: nn.Module) -> nn.Module:
+    return module.__dict__[_OWNER]
+
+
+def add_hook(module: nn.Module, fn: Callable, *, pre: bool = False,
              with_kwargs: bool = False) -> None:
     """Attach a marked hook. Hooks should reach their parameters through the module argument
     (or attributes of it), not closures, so that copies of the model stay self-contained."""
@@ -100,6 +143,8 @@ def unload(model: nn.Module) -> nn.Module:
             module._parameters.pop(name, None)
             module._modules.pop(name, None)
             module.__dict__.pop(name, None)
+        for key in [k for k in module.__dict__ if k.startswith("_ssf_deploy_")]:
+            del module.__dict__[key]   # owner links and per-module method state
     model.__dict__.pop("ssf_deploy_method", None)
     return model
 

@@ -10,16 +10,16 @@ Options reproduce the ablations of the paper's Table 6.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..errors import SSFDeployError
+from ..errors import UsageError
 from ..layers.scale_shift import LeanPolicy, layer_norm_recompute, scale_shift
 from ..models import head_modules
-from .base import Tuner, add_hook, add_params, register
+from .base import Tuner, add_hook, add_params, owner_of, register, set_owner
 
 ROLES = ("embed", "attn", "mlp", "norm", "final", "other")
 INITS = ("normal", "trunc_normal", "uniform", "constant", "random")
@@ -123,34 +123,48 @@ def _init_(t: torch.Tensor, how: str, mean: float, std: float) -> None:
 @register
 class SSF(Tuner):
     name = "ssf"
+    key_pattern = r"(^|\.)ssf_(scale|shift)$"
 
     @dataclass
     class Config:
-        blocks: Optional[int] = None    # Table 6a: SSF in the first N blocks only (+ embed, final norm)
-        exclude: tuple = ()             # Table 6b: roles to skip, from embed, attn, mlp, norm, final
-        only: tuple = ()                # Table 6d "only norm": keep just these roles
-        scale: bool = True              # Table 6d "w/o. scale" -> False
-        shift: bool = True              # Table 6d "w/o. shift" -> False
-        scalar_scale: bool = False      # Table 6d "scalar scale": one scale per site
-        init: str = "normal"            # Table 6c: normal, trunc_normal, uniform, constant, random
+        blocks: Optional[int] = field(default=None, metadata={
+            "cli": "--ssf-blocks", "help": "SSF only in the first N blocks (Table 6a)."})
+        exclude: tuple = field(default=(), metadata={
+            "cli": "--ssf-exclude", "csv": True,
+            "help": "Comma list of roles without SSF: embed,attn,mlp,norm,final (Table 6b)."})
+        only: tuple = field(default=(), metadata={
+            "cli": "--ssf-only", "csv": True, "help": "Comma list of roles that keep SSF (6d)."})
+        scale: bool = field(default=True, metadata={
+            "cli": "--ssf-no-scale", "flag": False, "help": "Shift only (Table 6d)."})
+        shift: bool = field(default=True, metadata={
+            "cli": "--ssf-no-shift", "flag": False, "help": "Scale only (Table 6d)."})
+        scalar_scale: bool = field(default=False, metadata={
+            "cli": "--ssf-scalar-scale", "flag": True, "help": "One scale per site (Table 6d)."})
+        init: str = field(default="normal", metadata={
+            "cli": "--ssf-init", "choices": INITS,
+            "help": "Factor initialisation (Table 6c, default normal)."})
         init_std: float = 0.02
-        impl: str = "lean"              # lean (memory-saving autograd) or naive (x*scale+shift)
-        bias_free: bool = False         # also after bias-less Linear/Conv (fusing may add a bias)
+        impl: str = field(default="lean", metadata={
+            "cli": "--ssf-impl", "choices": ("lean", "naive"),
+            "help": "SSF autograd: lean (default, saves memory) or naive (x*scale+shift)."})
+        bias_free: bool = field(default=False, metadata={
+            "cli": "--ssf-bias-free", "flag": True,
+            "help": "Also after bias-less Linear/Conv (fusing may then add a bias)."})
 
         def validate(self):
             object.__setattr__(self, "exclude", tuple(self.exclude or ()))
             object.__setattr__(self, "only", tuple(self.only or ()))
             bad = [r for r in (*self.exclude, *self.only) if r not in ROLES]
             if bad:
-                raise SSFDeployError(f"unknown SSF role(s) {bad}; choose from {', '.join(ROLES)}")
+                raise UsageError(f"unknown SSF role(s) {bad}; choose from {', '.join(ROLES)}")
             if self.init not in INITS:
-                raise SSFDeployError(f"unknown SSF init {self.init!r}; choose from {', '.join(INITS)}")
+                raise UsageError(f"unknown SSF init {self.init!r}; choose from {', '.join(INITS)}")
             if self.impl not in ("lean", "naive"):
-                raise SSFDeployError(f"SSF impl must be lean or naive, got {self.impl!r}")
+                raise UsageError(f"SSF impl must be lean or naive, got {self.impl!r}")
             if not (self.scale or self.shift):
-                raise SSFDeployError("SSF needs at least one of scale and shift")
+                raise UsageError("SSF needs at least one of scale and shift")
             if self.blocks is not None and int(self.blocks) < 0:
-                raise SSFDeployError(f"blocks must be >= 0, got {self.blocks}")
+                raise UsageError(f"blocks must be >= 0, got {self.blocks}")
 
     @classmethod
     def select(cls, model: nn.Module, cfg) -> list[Site]:
@@ -169,52 +183,64 @@ class SSF(Tuner):
     def inject(cls, model, cfg):
         sites = cls.select(model, cfg)
         if not sites:
-            raise SSFDeployError(f"no SSF site found in {type(model).__name__} with these options")
-        policies: list[LeanPolicy] = []
+            raise UsageError(f"no SSF site found in {type(model).__name__} with these options")
         for s in sites:
             ref = next(s.module.parameters(), None)
             dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
             device = ref.device if ref is not None else None
-            scale = shift = None
             if cfg.scale:
                 scale = nn.Parameter(torch.empty(1 if cfg.scalar_scale else s.channels,
                                                  dtype=dtype, device=device))
                 _init_(scale, cfg.init, 1.0, cfg.init_std)
-                add_params(model, s.module, "ssf_scale", scale)
+                add_params(s.module, "ssf_scale", scale)
             if cfg.shift:
                 shift = nn.Parameter(torch.empty(s.channels, dtype=dtype, device=device))
                 _init_(shift, cfg.init, 0.0, cfg.init_std)
-                add_params(model, s.module, "ssf_shift", shift)
-            policies.append(cls._attach(model, s, cfg.impl))
-
-        def settle(module, args, out):   # after a whole forward: which sites may keep y
-            if module.training and torch.is_grad_enabled():
-                for p in policies:
-                    p.settle()
-        add_hook(model, model, settle)
+                add_params(s.module, "ssf_shift", shift)
+            cls._attach(s, cfg.impl)
+        add_hook(model, _settle)
 
     @staticmethod
-    def _attach(model: nn.Module, s: Site, impl: str) -> LeanPolicy:
-        policy = LeanPolicy()
+    def _attach(s: Site, impl: str) -> None:
+        # Hooks read everything per call from the module they are called with (or its owner):
+        # a deepcopy (timm's ModelEmaV2) then runs on its own factors and its own lean policy.
+        add_params(s.module, "ssf_policy", _PolicyHolder())
+        dim = s.dim
         if s.before_act:
-            # norm + activation in one module: the factors go on the activation's input. The
-            # activation finds its norm through an attribute, which deepcopy remaps correctly.
-            s.module.act.__dict__["_ssf_deploy_owner"] = s.module
+            # norm + activation in one module: the factors go on the activation's input
+            set_owner(s.module.act, s.module)
 
             def pre(act, args):
-                owner = act.__dict__["_ssf_deploy_owner"]
+                owner = owner_of(act)
                 return (scale_shift(args[0], getattr(owner, "ssf_scale", None),
-                                    getattr(owner, "ssf_shift", None), s.dim, mode=impl,
-                                    policy=policy), *args[1:])
-            add_hook(model, s.module.act, pre, pre=True)
-            return policy
+                                    getattr(owner, "ssf_shift", None), dim, mode=impl,
+                                    policy=owner.ssf_policy.policy), *args[1:])
+            add_hook(s.module.act, pre, pre=True)
+            return
         # A channels-last LayerNorm keeps its own input for backward: recompute from it.
         recompute = isinstance(s.module, nn.LayerNorm) and s.dim == -1
 
         def post(module, args, out):
             return scale_shift(out, getattr(module, "ssf_scale", None),
-                               getattr(module, "ssf_shift", None), s.dim, mode=impl,
+                               getattr(module, "ssf_shift", None), dim, mode=impl,
                                recompute=layer_norm_recompute(module) if recompute else None,
-                               recompute_input=args[0] if recompute else None, policy=policy)
-        add_hook(model, s.module, post)
-        return policy
+                               recompute_input=args[0] if recompute else None,
+                               policy=module.ssf_policy.policy)
+        add_hook(s.module, post)
+
+
+class _PolicyHolder(nn.Module):
+    """Carries a site's :class:`LeanPolicy` as a submodule: no parameters, no state_dict entry,
+    copied along with the model and dropped by ``unload``."""
+
+    def __init__(self):
+        super().__init__()
+        self.policy = LeanPolicy()
+
+
+def _settle(model, args, out):
+    """After a whole training forward: decide per site whether it may keep ``y`` (see LeanPolicy)."""
+    if model.training and torch.is_grad_enabled():
+        for m in model.modules():
+            if isinstance(m, _PolicyHolder):
+                m.policy.settle()

@@ -7,13 +7,13 @@ so the head sees the same tokens as the base model. Needs a plain token sequence
 ``patch_embed`` + ``blocks`` + ``num_prefix_tokens``); windowed models like Swin are refused.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import SSFDeployError
-from .base import Tuner, add_hook, add_params, register
+from ..errors import UsageError
+from .base import Tuner, add_hook, add_params, owner_of, register, set_owner
 
 
 def _check_model(model: nn.Module, method: str) -> tuple[nn.Module, int, int]:
@@ -23,7 +23,7 @@ def _check_model(model: nn.Module, method: str) -> tuple[nn.Module, int, int]:
     dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or prefix is None or embed is None \
             or dim is None or len(blocks) == 0:
-        raise SSFDeployError(
+        raise UsageError(
             f"{method} needs a ViT-style token sequence (patch_embed, blocks, num_prefix_tokens); "
             f"{type(model).__name__} has none — use ssf, adapter, bias, linear or full")
     return blocks, int(prefix), int(dim)
@@ -36,47 +36,73 @@ def _prompt_init(model: nn.Module, n: int, dim: int, depth: int) -> nn.Parameter
     return nn.Parameter(torch.empty(depth, n, dim).uniform_(-val, val))
 
 
+_STATE = "_ssf_deploy_vpt"   # per block: (prompt layer or None, prefix tokens, prompts)
+
+
 class _VPTBase(Tuner):
     deep = False
+    fusable = False          # the prompts stay in the deployed sequence
+    adds_tokens = True
+    key_pattern = r"^vpt_prompts$"
 
     @dataclass
     class Config:
-        prompts: int = 50
-        dropout: float = 0.0
+        prompts: int = field(default=50, metadata={
+            "cli": "--prompts", "help": "VPT prompt tokens (default: 200 shallow, 50 deep, as in "
+                                        "Table 5)."})
+        dropout: float = field(default=0.0, metadata={
+            "cli": "--prompt-dropout", "help": "Dropout on the prompt tokens (VPT; 0)."})
 
         def validate(self):
             if int(self.prompts) < 1:
-                raise SSFDeployError(f"prompts must be >= 1, got {self.prompts}")
+                raise UsageError(f"prompts must be >= 1, got {self.prompts}")
+            if not 0.0 <= float(self.dropout) < 1.0:
+                raise UsageError(f"prompt dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def matches(cls, state: dict) -> bool:
+        prompts = state.get("vpt_prompts")
+        return prompts is not None and (prompts.shape[0] > 1) == cls.deep
 
     @classmethod
     def inject(cls, model, cfg):
         blocks, prefix, dim = _check_model(model, cls.name)
         n = int(cfg.prompts)
         depth = len(blocks) if cls.deep else 1
-        prompts = _prompt_init(model, n, dim, depth)
-        add_params(model, model, "vpt_prompts", prompts)
-        drop = nn.Dropout(cfg.dropout)
+        add_params(model, "vpt_prompts", _prompt_init(model, n, dim, depth))
+        # registered, so model.eval() turns prompt dropout off and a deepcopy gets its own
+        add_params(model, "vpt_dropout", nn.Dropout(float(cfg.dropout)))
+        for i, block in enumerate(blocks):
+            set_owner(block, model)
+            block.__dict__[_STATE] = (i if (cls.deep or i == 0) else None, prefix, n)
+            if i == 0:
+                add_hook(block, _insert, pre=True)
+            elif cls.deep:
+                add_hook(block, _replace, pre=True)
+        add_hook(blocks[-1], _strip)
 
-        def tokens(i: int, batch: int, like: torch.Tensor) -> torch.Tensor:
-            return drop(prompts[i]).to(like.dtype).unsqueeze(0).expand(batch, -1, -1)
 
-        def insert(module, args):
-            x = args[0]
-            return (torch.cat([x[:, :prefix], tokens(0, x.shape[0], x), x[:, prefix:]], 1),
-                    *args[1:])
-        add_hook(model, blocks[0], insert, pre=True)
+def _tokens(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Block ``block``'s prompts, read from the model that owns them (a copy reads its own)."""
+    model = owner_of(block)
+    layer = block.__dict__[_STATE][0]
+    p = model.vpt_dropout(model.vpt_prompts[layer])
+    return p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
 
-        if cls.deep:
-            for i in range(1, len(blocks)):
-                def replace(module, args, i=i):
-                    x = args[0]
-                    return (torch.cat([x[:, :prefix], tokens(i, x.shape[0], x),
-                                       x[:, prefix + n:]], 1), *args[1:])
-                add_hook(model, blocks[i], replace, pre=True)
 
-        def strip(module, args, out):
-            return torch.cat([out[:, :prefix], out[:, prefix + n:]], 1)
-        add_hook(model, blocks[-1], strip)
+def _insert(block, args):
+    x, (_, prefix, _) = args[0], block.__dict__[_STATE]
+    return (torch.cat([x[:, :prefix], _tokens(block, x), x[:, prefix:]], 1), *args[1:])
+
+
+def _replace(block, args):
+    x, (_, prefix, n) = args[0], block.__dict__[_STATE]
+    return (torch.cat([x[:, :prefix], _tokens(block, x), x[:, prefix + n:]], 1), *args[1:])
+
+
+def _strip(block, args, out):
+    _, prefix, n = block.__dict__[_STATE]
+    return torch.cat([out[:, :prefix], out[:, prefix + n:]], 1)
 
 
 @register
@@ -86,7 +112,8 @@ class VPTShallow(_VPTBase):
 
     @dataclass
     class Config(_VPTBase.Config):
-        prompts: int = 200   # Table 5 uses 200 shallow prompts on CIFAR-100
+        prompts: int = field(default=200, metadata=_VPTBase.Config.__dataclass_fields__[
+            "prompts"].metadata)   # Table 5 uses 200 shallow prompts on CIFAR-100
 
 
 @register
@@ -96,4 +123,5 @@ class VPTDeep(_VPTBase):
 
     @dataclass
     class Config(_VPTBase.Config):
-        prompts: int = 50    # Table 5 uses 50 deep prompts on CIFAR-100
+        prompts: int = field(default=50, metadata=_VPTBase.Config.__dataclass_fields__[
+            "prompts"].metadata)   # Table 5 uses 50 deep prompts on CIFAR-100

@@ -11,7 +11,7 @@ ssf-deploy registers its factors on the module that *produces* the scaled featur
 producer in today's timm (the tables below, read from the official ``models/*.py``), adapts the base
 weights the way timm's own ``checkpoint_filter_fn`` does, and checks that ``apply_method(model, "ssf",
 **options)`` on the rebuilt architecture creates exactly the mapped parameters - no more, no fewer,
-same shapes. Anything else is refused with an :class:`SSFDeployError` naming the official key, never
+same shapes. Anything else is refused with an :class:`CheckpointError` naming the official key, never
 loaded into a model that would compute something different.
 
 Where an official factor has no producer that ssf-deploy puts SSF on, the checkpoint is refused. For
@@ -31,8 +31,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import Task, plain as _plain
-from .errors import SSFDeployError
+from ..errors import CheckpointError, first_line
+from ..fileio import plain as _plain
+from ..models import create_base_model, resolve_arch
+from ..tuners import apply_method, unload
+from .task import Task
 
 __all__ = ["is_official", "task_from_official", "family_of", "RULES", "SOURCE"]
 
@@ -173,7 +176,7 @@ def family_of(arch: str) -> str:
         return "swin"
     if name.startswith("convnext_") and not name.startswith("convnextv2"):
         return "convnext"
-    raise SSFDeployError(f"official SSF checkpoint for '{arch}': unsupported architecture family "
+    raise CheckpointError(f"official SSF checkpoint for '{arch}': unsupported architecture family "
                          f"(supported: vit, deit, swin, convnext)")
 
 
@@ -195,20 +198,18 @@ def _num_classes(state: dict, args: dict, arch: str) -> int:
     n = args.get("num_classes")
     if isinstance(n, int) and n > 0:
         return n
-    raise SSFDeployError(f"official SSF checkpoint for '{arch}' has no classifier head weight "
+    raise CheckpointError(f"official SSF checkpoint for '{arch}' has no classifier head weight "
                          f"and no args.num_classes: cannot tell the number of classes")
 
 
 def _meta_model(arch: str, num_classes: int, model_kwargs: dict):
     """The architecture on the meta device: shapes and names only, no memory, no weights."""
-    from .models import create_base_model
     with torch.device("meta"):
         return create_base_model(arch, num_classes, **model_kwargs)
 
 
 def _ssf_keys(model, options: dict) -> dict:
     """{key: shape} of the parameters ``apply_method(model, "ssf", **options)`` creates (then undone)."""
-    from .tuners import apply_method, unload
     apply_method(model, "ssf", **options)
     try:
         return {k: tuple(v.shape) for k, v in model.state_dict().items()
@@ -223,7 +224,7 @@ def _check_class(model, family: str, arch: str) -> None:
     from timm.models.vision_transformer import VisionTransformer
     cls = {"vit": VisionTransformer, "swin": SwinTransformer, "convnext": ConvNeXt}[family]
     if not isinstance(model, cls):
-        raise SSFDeployError(f"official SSF checkpoint for '{arch}': {type(model).__name__} is not a "
+        raise CheckpointError(f"official SSF checkpoint for '{arch}': {type(model).__name__} is not a "
                              f"{cls.__name__}, whose layout the official SSF code uses")
 
 
@@ -287,16 +288,16 @@ def _map_ssf(family: str, ssf: dict, arch: str, model: nn.Module) -> tuple[dict,
         hit = next((r for r in (rule.resolve(path, idx, model) for rule in rules) if r is not None),
                    None)
         if hit is None:
-            raise SSFDeployError(f"official SSF checkpoint for '{arch}': unknown SSF key '{key}' "
+            raise CheckpointError(f"official SSF checkpoint for '{arch}': unknown SSF key '{key}' "
                                  f"(no {family} module applies ssf_{kind}_{idx} there)")
         target, rule = hit
         if target is None:
-            raise SSFDeployError(f"official SSF checkpoint for '{arch}': unsupported SSF key '{key}' "
+            raise CheckpointError(f"official SSF checkpoint for '{arch}': unsupported SSF key '{key}' "
                                  f"({rule.unsupported or rule.where}); refusing rather than building "
                                  f"a different model")
         ours = f"{target}.ssf_{kind}"
         if ours in out:
-            raise SSFDeployError(f"official SSF checkpoint for '{arch}': '{key}' and '{origin[ours]}' "
+            raise CheckpointError(f"official SSF checkpoint for '{arch}': '{key}' and '{origin[ours]}' "
                                  f"both map to {ours}")
         out[ours] = ssf[key]
         origin[ours] = key
@@ -317,26 +318,24 @@ def _choose_options(mapped: dict, origin: dict, arch: str, model) -> tuple[dict,
         site = k.rsplit(".", 1)[0]
         if k in with_bias_free:
             extra = sorted({x.rsplit(".", 1)[0] for x in with_bias_free if x not in mapped})
-            raise SSFDeployError(
+            raise CheckpointError(
                 f"official SSF checkpoint for '{arch}': '{origin[k]}' scales the output of the bias-free "
                 f"module {site}; bias_free=True would put SSF there but also after "
                 f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which the checkpoint lacks")
-        raise SSFDeployError(f"official SSF checkpoint for '{arch}': unsupported SSF key '{origin[k]}' "
+        raise CheckpointError(f"official SSF checkpoint for '{arch}': unsupported SSF key '{origin[k]}' "
                              f"(maps to {site}, which is not an SSF site of this architecture)")
     lacking = sorted({k.rsplit(".", 1)[0] for k in default if k not in mapped})
-    raise SSFDeployError(f"official SSF checkpoint for '{arch}' lacks SSF factors for "
+    raise CheckpointError(f"official SSF checkpoint for '{arch}' lacks SSF factors for "
                          f"{', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} "
                          f"(ssf-deploy puts SSF there); refusing to guess them")
 
 
 def task_from_official(obj: dict, path: str = "<checkpoint>"):
-    """Turn an official SSF checkpoint into a complete :class:`~ssf_deploy.checkpoint.Task`."""
-    from .models import resolve_arch
-
+    """Turn an official SSF checkpoint into a complete :class:`~ssf_deploy.formats.Task`."""
     state = _state_of(obj)
     official_arch = _arch_of(obj)
     if not state or official_arch is None:
-        raise SSFDeployError(f"{path} is not an official SSF checkpoint (needs 'state_dict' and 'arch')")
+        raise CheckpointError(f"{path} is not an official SSF checkpoint (needs 'state_dict' and 'arch')")
     family = family_of(official_arch)
     arch = resolve_arch(official_arch)
     args = _args_dict(obj.get("args"))
@@ -344,18 +343,18 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise SSFDeployError(f"{path}: state_dict entry '{bad[0]}' is not a tensor")
+        raise CheckpointError(f"{path}: state_dict entry '{bad[0]}' is not a tensor")
     ssf, base = {}, {}
     for k, v in state.items():
         if _SSF_KEY.match(k):
             ssf[k] = v
         elif _SSF_LIKE.search(k):
-            raise SSFDeployError(f"official SSF checkpoint for '{official_arch}': unsupported key '{k}' "
+            raise CheckpointError(f"official SSF checkpoint for '{official_arch}': unsupported key '{k}' "
                                  f"(only tuning_mode 'ssf' checkpoints are supported)")
         else:
             base[k] = v
     if not ssf:
-        raise SSFDeployError(f"{path}: official checkpoint without any ssf_scale_N/ssf_shift_N factor")
+        raise CheckpointError(f"{path}: official checkpoint without any ssf_scale_N/ssf_shift_N factor")
 
     num_classes = _num_classes(base, args, official_arch)
     model_kwargs: dict = {}
@@ -369,30 +368,30 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
     mapped, origin = _map_ssf(family, ssf, official_arch, model)
     try:
         converted = _convert_base(family, base, model)
-    except SSFDeployError:
+    except CheckpointError:
         raise
     except Exception as e:  # a filter fn tripping over keys it does not expect
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSFDeployError(f"cannot adapt the base weights of {path} to {arch}: {msg[:160]}") from None
+        raise CheckpointError(f"cannot adapt the base weights of {path} to {arch}: "
+                              f"{first_line(e)}") from None
 
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     unexpected = sorted(k for k in converted if k not in own)
     if unexpected:
-        raise SSFDeployError(f"official SSF checkpoint does not match {arch}: unexpected key(s) "
+        raise CheckpointError(f"official SSF checkpoint does not match {arch}: unexpected key(s) "
                              f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
     missing = sorted(k for k in own if k not in converted)
     if missing:
-        raise SSFDeployError(f"official SSF checkpoint does not match {arch}: missing "
+        raise CheckpointError(f"official SSF checkpoint does not match {arch}: missing "
                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     for k, shape in own.items():
         if tuple(converted[k].shape) != shape:
-            raise SSFDeployError(f"official SSF checkpoint does not match {arch}: {k} has shape "
+            raise CheckpointError(f"official SSF checkpoint does not match {arch}: {k} has shape "
                                  f"{tuple(converted[k].shape)}, model expects {shape}")
 
     options, expected = _choose_options(mapped, origin, arch, model)
     for k, shape in expected.items():
         if tuple(mapped[k].shape) != shape:
-            raise SSFDeployError(f"official SSF checkpoint for '{official_arch}': '{origin[k]}' has shape "
+            raise CheckpointError(f"official SSF checkpoint for '{official_arch}': '{origin[k]}' has shape "
                                  f"{tuple(mapped[k].shape)}, {k} expects {shape}")
 
     full = dict(converted)
@@ -403,4 +402,4 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
     if isinstance(obj.get("state_dict_ema"), dict):
         extra["has_ema"] = True   # we deploy state_dict; the EMA copy is ignored
     return Task(arch=arch, num_classes=num_classes, method="ssf", options=options, state=full,
-                source=SOURCE, extra=extra, complete=True, model_kwargs=model_kwargs)
+                source=SOURCE, extra=extra, complete=True, model_kwargs=model_kwargs, path=path)

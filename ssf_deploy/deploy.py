@@ -1,0 +1,206 @@
+"""The deploy pipeline as one call: fold -> verify -> ONNX -> checker/onnxsim -> onnxruntime.
+
+``deploy(model, inputs, out="model.onnx")`` is what ``ssf-deploy fuse``, the main job and the
+transfer study all run. Every comparison is made against outputs computed *once*: the tuned
+model's outputs on the inputs (the expensive side) and, when the task recorded them at training
+time, its golden probe outputs. Nothing is written unless every check passes; a failed check
+raises :class:`~ssf_deploy.errors.VerificationError` carrying the report.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import VerificationError
+from .fileio import atomic_path, save_safetensors
+from .fuse import FuseReport, fuse_with_report
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, compare, run_outputs
+
+__all__ = ["deploy", "DeployReport", "graph_stats_cached"]
+
+Progress = Optional[Callable[[str], None]]
+
+
+@dataclass
+class DeployReport:
+    """What a deploy run did and found; ``str()`` is the human report, ``as_dict()`` the JSON."""
+    fuse: FuseReport
+    checks: list = field(default_factory=list)       # VerifyReport, one per comparison
+    onnx: Optional[dict] = None                      # fused graph stats vs the base export
+    written: dict = field(default_factory=dict)      # role -> path
+    seconds: dict = field(default_factory=dict)      # stage -> seconds
+    notes: list = field(default_factory=list)
+    failure: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.failure and all(c.passed for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "fuse": self.fuse.as_dict(),
+                "checks": [c.as_dict() for c in self.checks], "onnx": self.onnx,
+                "written": dict(self.written), "seconds": dict(self.seconds),
+                "notes": list(self.notes), "error": self.failure or None}
+
+    def __str__(self) -> str:
+        lines = [str(self.fuse)]
+        lines += [str(c) for c in self.checks]
+        if self.onnx:
+            f, b = self.onnx["fused"], self.onnx.get("base")
+            if b is None:
+                lines.append(f"ONNX: {f['nodes']} nodes, {f['parameters']:,} parameters "
+                             f"(base graph not compared)")
+            else:
+                lines.append(f"ONNX: {f['nodes']} nodes (base export: {b['nodes']}"
+                             f"{', cached' if self.onnx.get('base_cached') else ''}), op histogram "
+                             f"{'identical to' if self.onnx['same_graph_as_base'] else 'DIFFERENT from'}"
+                             f" the base export, {f['parameters']:,} parameters "
+                             f"(base {b['parameters']:,})")
+        lines += [f"note: {n}" for n in self.notes]
+        for role, path in self.written.items():
+            lines.append(f"wrote {role}: {path}")
+        if self.failure:
+            lines.append(f"FAIL: {self.failure}")
+        return "\n".join(lines)
+
+
+def _say(progress: Progress, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+@contextlib.contextmanager
+def _stage(report: DeployReport, name: str, progress: Progress):
+    t0 = time.perf_counter()
+    yield
+    report.seconds[name] = round(time.perf_counter() - t0, 3)
+    _say(progress, f"{name}: {report.seconds[name]:.1f} s")
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "ssf-deploy")
+
+
+def graph_stats_cached(key: dict, make: Callable[[], dict]) -> tuple[dict, bool]:
+    """Base-graph statistics per (architecture, weights, recipe, versions): ``(stats, cached)``.
+
+    Exporting the base graph only to count its nodes costs as much as the fused export; the
+    answer depends on nothing but the key, so it is kept in ``~/.cache/ssf-deploy``.
+    """
+    import onnx
+    full = dict(key, torch=torch.__version__, onnx=onnx.__version__)
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()
+    path = os.path.join(_cache_dir(), "graph-stats", digest[:32] + ".json")
+    try:
+        with open(path) as f:
+            return json.load(f), True
+    except (OSError, ValueError):
+        pass
+    stats = make()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(stats, f)
+    except OSError:
+        pass   # a read-only home: no cache, same answer
+    return stats, False
+
+
+def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[str] = None,
+           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, opset: int = 17,
+           dynamic_batch: bool = False, simplify: bool = True,
+           save_weights: Optional[str] = None, save_pack: Optional[str] = None,
+           pack_info: Optional[dict] = None, compare_graph: str = "cached",
+           graph_key: Optional[dict] = None, strict_graph: bool = False,
+           onnx_metadata: Optional[dict] = None, progress: Progress = None) -> DeployReport:
+    """Fold ``model``'s SSF, verify the result, and write the requested artefacts.
+
+    ``compare_graph``: ``"always"`` exports the base graph to compare node counts, ``"cached"``
+    (default) reuses earlier statistics for the same ``graph_key``, ``"never"`` skips it.
+    Raises :class:`VerificationError` (with ``.report``) when any check fails; nothing is written.
+    """
+    from .export import OrtRunner, export_onnx, export_proto, graph_stats
+    from .tuners import unload
+
+    model = model.eval()
+    inputs = list(inputs)
+    report = DeployReport(fuse=FuseReport())
+    with _stage(report, "fuse", progress):
+        fused, report.fuse = fuse_with_report(model, inputs[0][:2])
+    with _stage(report, "reference outputs", progress):
+        reference = run_outputs(model, inputs)
+
+    def check(name: str, candidate, batches=None) -> VerifyReport:
+        got = run_outputs(candidate, batches if batches is not None else inputs)
+        r = compare(reference, got, atol=atol, rtol=rtol, names=["logits"],
+                    ref_name="unfused (PyTorch)", cand_name=name)
+        report.checks.append(r)
+        return r
+
+    def fail(why: str):
+        report.failure = why
+        raise VerificationError(why, report)
+
+    with _stage(report, "verify fused", progress):
+        if not check("fused (PyTorch)", fused).passed:
+            fail("the fused PyTorch model does not match the unfused model")
+
+    # every output is a temp file renamed only when the whole block succeeds (atomic_path)
+    with contextlib.ExitStack() as outs:
+        if out:
+            tmp = outs.enter_context(atomic_path(out))
+            example = inputs[0][:1]
+            with _stage(report, "export", progress):
+                info = export_onnx(fused, tmp, example=example, opset=opset,
+                                   dynamic_batch=dynamic_batch, simplify=simplify,
+                                   metadata=onnx_metadata)
+            info["path"] = out
+            report.onnx = {"fused": info, "base": None, "same_graph_as_base": None}
+            if compare_graph != "never":
+                def base_stats() -> dict:
+                    base = unload(copy.deepcopy(model))
+                    return graph_stats(export_proto(base, example=example, opset=opset,
+                                                    dynamic_batch=dynamic_batch,
+                                                    simplify=simplify))
+                with _stage(report, "base graph", progress):
+                    if compare_graph == "always" or not graph_key:
+                        base_info, cached = base_stats(), False
+                    else:
+                        key = dict(graph_key, opset=opset, dynamic_batch=dynamic_batch,
+                                   simplify=simplify, shape=list(example.shape[1:]))
+                        base_info, cached = graph_stats_cached(key, base_stats)
+                same = base_info["nodes"] == info["nodes"] and base_info["ops"] == info["ops"]
+                report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached)
+                if not same:
+                    report.notes.append(
+                        "the exporter folds equal initializers (e.g. the all-zero biases of an "
+                        "untrained base) differently; compare with a trained base"
+                        + ("" if report.fuse.added else ", or see the fuse report"))
+            with _stage(report, "verify onnxruntime", progress):
+                batches = inputs if dynamic_batch else [x[i:i + 1] for x in inputs
+                                                        for i in range(x.shape[0])]
+                if not check("fused (onnxruntime)", OrtRunner(tmp), batches).passed:
+                    fail("onnxruntime output does not match the unfused model")
+            if strict_graph and report.onnx["same_graph_as_base"] is False:
+                fail("the fused ONNX graph differs from the base export")
+            report.written["onnx"] = out
+        if save_weights:
+            tmp = outs.enter_context(atomic_path(save_weights))
+            save_safetensors(fused.state_dict(), tmp)
+            report.written["weights"] = save_weights
+        if save_pack:
+            from .formats.pack import save_pack as write_pack
+            tmp = outs.enter_context(atomic_path(save_pack))
+            size = write_pack(model, tmp, **(pack_info or {}))
+            report.written["pack"] = save_pack
+            report.notes.append(f"task pack: {size / 1e6:.2f} MB")
+    return report
