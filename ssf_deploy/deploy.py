@@ -20,12 +20,63 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 from .fileio import atomic_path, save_safetensors
+from .formats.provenance import checked_probe_inputs
+from .formats.task import provenance_of
 from .fuse import FuseReport, fuse_with_report
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, compare, run_outputs
 
-__all__ = ["deploy", "DeployReport", "graph_stats_cached"]
+__all__ = ["deploy", "DeployReport", "graph_stats_cached", "GoldenProbe", "anchor_of"]
+
+RECORDED = "recorded at training (golden probe)"
+
+
+class GoldenProbe:
+    """A task's recorded outputs and the inputs they were recorded on, as one comparison.
+
+    ``check(candidate)`` runs any model or runner on the probe inputs (one sample at a time when
+    ``per_sample``, for static-batch ONNX) and compares with what was *recorded*, not with a
+    reconstruction.
+    """
+
+    def __init__(self, probe: dict):
+        self.inputs = checked_probe_inputs(probe)
+        self.logits = probe["logits"].float().numpy()
+        self.recorded = probe.get("recorded", "at training")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.inputs.shape[-1])
+
+    def check(self, candidate, name: str, *, atol: float, rtol: float,
+              per_sample: bool = False) -> VerifyReport:
+        batches = [self.inputs[i:i + 1] for i in range(self.inputs.shape[0])] if per_sample \
+            else [self.inputs]
+        return compare([self.logits], run_outputs(candidate, batches), atol=atol, rtol=rtol,
+                       names=["logits"], ref_name=f"recorded {self.recorded} (golden probe)",
+                       cand_name=name)
+
+
+def anchor_of(model: nn.Module) -> dict:
+    """What a PASS for ``model`` is anchored to: the base check and the golden probe."""
+    prov = provenance_of(model)
+    if prov is None:
+        return {"base": "not checked (model not built from a checkpoint)", "probe": "none"}
+    bc = prov.get("base_check") or {}
+    status = bc.get("status", "?")
+    base = {"verified": f"verified: {bc.get('actual')} ({bc.get('tensors')} tensors, "
+                        f"hashed in {bc.get('seconds', 0):.2f} s)",
+            "complete": "the checkpoint holds every tensor (no separate base)",
+            "mismatch-overridden": f"NOT VERIFIED (--allow-base-mismatch): expected "
+                                   f"{bc.get('expected')}, got {bc.get('actual')}",
+            "unrecorded-overridden": "NOT VERIFIED (--allow-base-mismatch): the checkpoint "
+                                     "records no base hash"}.get(status, status)
+    probe = prov.get("probe")
+    return {"base": base, "base_status": status,
+            "probe": "recorded" if probe is not None else
+            ("none (official SSF checkpoint: its mapping is validated against dongzelian/SSF "
+             "in the test suite)" if prov.get("source") == "official-ssf" else "none recorded")}
 
 Progress = Optional[Callable[[str], None]]
 
@@ -40,19 +91,23 @@ class DeployReport:
     seconds: dict = field(default_factory=dict)      # stage -> seconds
     notes: list = field(default_factory=list)
     failure: str = ""
+    anchor: dict = field(default_factory=dict)       # what the PASS rests on (see anchor_of)
 
     @property
     def passed(self) -> bool:
         return not self.failure and all(c.passed for c in self.checks)
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "fuse": self.fuse.as_dict(),
+        return {"passed": self.passed, "anchor": dict(self.anchor), "fuse": self.fuse.as_dict(),
                 "checks": [c.as_dict() for c in self.checks], "onnx": self.onnx,
                 "written": dict(self.written), "seconds": dict(self.seconds),
                 "notes": list(self.notes), "error": self.failure or None}
 
     def __str__(self) -> str:
         lines = [str(self.fuse)]
+        if self.anchor:
+            lines.append(f"base: {self.anchor.get('base')}")
+            lines.append(f"golden probe: {self.anchor.get('probe')}")
         lines += [str(c) for c in self.checks]
         if self.onnx:
             f, b = self.onnx["fused"], self.onnx.get("base")
@@ -133,7 +188,28 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
 
     model = model.eval()
     inputs = list(inputs)
-    report = DeployReport(fuse=FuseReport())
+    report = DeployReport(fuse=FuseReport(), anchor=anchor_of(model))
+    prov = provenance_of(model) or {}
+    golden = GoldenProbe(prov["probe"]) if prov.get("probe") is not None else None
+    if save_pack and str(report.anchor.get("base_status", "")).endswith("overridden"):
+        raise UsageError("refusing to write a task pack from a base that was not verified "
+                         "(--allow-base-mismatch): the pack would record a base it was not "
+                         "trained on")
+
+    def fail(why: str):
+        report.failure = why
+        raise VerificationError(why, report)
+
+    def golden_check(candidate, name: str, per_sample: bool = False) -> None:
+        if golden is None:
+            return
+        r = golden.check(candidate, name, atol=atol, rtol=rtol, per_sample=per_sample)
+        report.checks.append(r)
+        if not r.passed:
+            fail(f"{name} does not reproduce the outputs recorded when the task was trained")
+
+    with _stage(report, "reconstruction vs recorded", progress):
+        golden_check(model, "unfused (rebuilt)")
     with _stage(report, "fuse", progress):
         fused, report.fuse = fuse_with_report(model, inputs[0][:2])
     with _stage(report, "reference outputs", progress):
@@ -146,13 +222,10 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
         report.checks.append(r)
         return r
 
-    def fail(why: str):
-        report.failure = why
-        raise VerificationError(why, report)
-
     with _stage(report, "verify fused", progress):
         if not check("fused (PyTorch)", fused).passed:
             fail("the fused PyTorch model does not match the unfused model")
+        golden_check(fused, "fused (PyTorch)")
 
     # every output is a temp file renamed only when the whole block succeeds (atomic_path)
     with contextlib.ExitStack() as outs:
@@ -176,7 +249,8 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                         base_info, cached = base_stats(), False
                     else:
                         key = dict(graph_key, opset=opset, dynamic_batch=dynamic_batch,
-                                   simplify=simplify, shape=list(example.shape[1:]))
+                                   simplify=simplify, shape=list(example.shape[1:]),
+                                   base=(prov.get("base_check") or {}).get("actual"))
                         base_info, cached = graph_stats_cached(key, base_stats)
                 same = base_info["nodes"] == info["nodes"] and base_info["ops"] == info["ops"]
                 report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached)
@@ -188,8 +262,14 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
             with _stage(report, "verify onnxruntime", progress):
                 batches = inputs if dynamic_batch else [x[i:i + 1] for x in inputs
                                                         for i in range(x.shape[0])]
-                if not check("fused (onnxruntime)", OrtRunner(tmp), batches).passed:
+                runner = OrtRunner(tmp)
+                if not check("fused (onnxruntime)", runner, batches).passed:
                     fail("onnxruntime output does not match the unfused model")
+                if golden is not None and golden.image_size != example.shape[-1]:
+                    report.notes.append(f"golden probe recorded at {golden.image_size} px, ONNX "
+                                        f"exported at {example.shape[-1]} px: not compared")
+                else:
+                    golden_check(runner, "fused (onnxruntime)", per_sample=not dynamic_batch)
             if strict_graph and report.onnx["same_graph_as_base"] is False:
                 fail("the fused ONNX graph differs from the base export")
             report.written["onnx"] = out

@@ -8,10 +8,11 @@ import timm
 import torch
 from torch import nn
 
-from .errors import SSFDeployError
+from .errors import (BaseMismatchError, CheckpointError, SSFDeployError, UsageError,
+                     first_line)
 
-__all__ = ["resolve_arch", "create_base_model", "creation_record", "input_size", "head_modules",
-           "count_params", "example_input", "sized_kwargs"]
+__all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
+           "input_size", "head_modules", "count_params", "example_input", "sized_kwargs"]
 
 CREATE_RECORD = "ssf_deploy_create"
 
@@ -28,44 +29,120 @@ def resolve_arch(arch: str) -> str:
         _deprecated_models = {}
     arch = _deprecated_models.get(arch, arch) or arch
     if not timm.is_model(arch.split(".")[0]) and not timm.is_model(arch):
-        raise SSFDeployError(f"unknown timm model '{arch}' (see timm.list_models())")
+        raise UsageError(f"unknown timm model '{arch}' (see timm.list_models())")
     return arch
 
 
 def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
-                      pretrained_file: Optional[str] = None, **kwargs) -> nn.Module:
+                      pretrained_file: Optional[str] = None, init_seed: Optional[int] = None,
+                      **kwargs) -> nn.Module:
     """``timm.create_model`` with our error messages; ``pretrained_file`` works offline.
 
-    A local file goes through timm's own loader (``pretrained_cfg_overlay=dict(file=...)``), so the
-    model family's ``checkpoint_filter_fn`` adapts it and a head of another size is dropped.
+    A local weights file is loaded strictly (:func:`load_base_weights`): weights of another
+    architecture, or a partial set, are refused in one line instead of timm's warning and a
+    silently random base. ``init_seed`` draws the random init from ``torch.manual_seed(seed)``,
+    which is how a base trained from scratch is rebuilt bit for bit.
     """
     arch = resolve_arch(arch)
     if num_classes is None or int(num_classes) < 1:
-        raise SSFDeployError(f"--num-classes must be a positive integer, got {num_classes!r}")
-    if pretrained_file is not None:
-        if not os.path.isfile(pretrained_file):
-            raise SSFDeployError(f"weights file not found: {pretrained_file}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_file))
-        pretrained = True
+        raise UsageError(f"--num-classes must be a positive integer, got {num_classes!r}")
+    if pretrained and pretrained_file is not None:
+        raise UsageError("pass --pretrained or a weights file, not both")
+    if pretrained_file is not None and not os.path.isfile(pretrained_file):
+        raise CheckpointError(f"weights file not found: {pretrained_file}")
+    if init_seed is not None:
+        torch.manual_seed(int(init_seed))
     try:
         model = timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes), **kwargs)
     except SSFDeployError:
         raise
-    except RuntimeError as e:
-        if pretrained_file is not None:
-            raise SSFDeployError(f"cannot load weights {pretrained_file} into {arch}: "
-                                 f"{str(e).splitlines()[0]}") from e
-        raise
     except Exception as e:
-        if pretrained and pretrained_file is None:
-            raise SSFDeployError(f"cannot fetch pretrained weights for {arch} "
-                                 f"(offline? use --pretrained-file): {str(e).splitlines()[0]}") from e
+        if pretrained:
+            raise CheckpointError(f"cannot fetch pretrained weights for {arch} "
+                                  f"(offline? use a local weights file): {first_line(e)}") from e
         raise
+    if pretrained_file is not None:
+        load_base_weights(model, pretrained_file, arch=arch)
+        source = f"file:{os.path.basename(pretrained_file)}"
+    elif pretrained:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        source = "timm-hub:" + (cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag') or ''}".rstrip("."))
+    else:
+        source = "random-init"
     # Remember how to build this architecture again: the fuser returns a fresh instance of it.
     model.__dict__[CREATE_RECORD] = {
-        "arch": arch, "num_classes": int(num_classes),
-        "kwargs": {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}}
+        "arch": arch, "num_classes": int(num_classes), "kwargs": dict(kwargs),
+        "source": source, "init_seed": None if init_seed is None else int(init_seed)}
     return model
+
+
+def _read_weights(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt weights file {path}: {first_line(e)}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # pickle / zip / unsupported global: all mean "not loadable safely"
+        raise CheckpointError(f"cannot read weights file {path} safely: {first_line(e)}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _head_keys(model: nn.Module) -> set:
+    names = {id(m): n for n, m in model.named_modules()}
+    prefixes = [names[id(h)] + "." for h in head_modules(model) if id(h) in names]
+    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+
+
+def load_base_weights(model: nn.Module, path: str, arch: Optional[str] = None) -> None:
+    """Load base weights strictly: every key the model has (its classifier head excepted, which a
+    task replaces), no key it lacks, every shape equal. Foreign layouts (the original release of
+    a timm model) go through the family's own ``checkpoint_filter_fn`` first, as timm does."""
+    arch = arch or (model.__dict__.get(CREATE_RECORD) or {}).get("arch") or type(model).__name__
+    if path.endswith(".npz"):   # original JAX ViT releases: timm's own strict loader
+        if not hasattr(model, "load_pretrained"):
+            raise CheckpointError(f"{arch} cannot read .npz weights: convert them to .safetensors")
+        try:
+            model.load_pretrained(path)
+        except Exception as e:
+            raise BaseMismatchError(f"base weights {path} do not fit {arch}: {first_line(e)}") from None
+        return
+    state = _read_weights(path)
+    own = model.state_dict()
+    if set(state) != set(own):
+        import sys
+        fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if fn is not None:
+            try:
+                state = dict(fn(state, model))
+            except Exception as e:
+                raise BaseMismatchError(f"base weights {path} do not fit {arch}: "
+                                        f"{first_line(e)}") from None
+    head = _head_keys(model)
+    missing = [k for k in own if k not in state and k not in head]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and k not in head
+             and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        kind = "missing" if missing else ("unexpected" if unexpected else "wrong-shaped")
+        raise BaseMismatchError(
+            f"base weights {path} do not fit {arch}: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} wrong-shaped key(s) (first {kind}: '{first}')")
+    for k in head:
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape):
+            del state[k]   # a head of another size: the task brings its own
+    model.load_state_dict(state, strict=False)
 
 
 def creation_record(model: nn.Module) -> Optional[dict]:
@@ -133,8 +210,7 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
     except SSFDeployError:
         raise
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise SSFDeployError(f"cannot build {arch} with {kwargs}: {str(e).splitlines()[0][:160]}") \
-            from None
+        raise UsageError(f"cannot build {arch} with {kwargs}: {first_line(e)}") from None
     if "img_size" in kwargs:
         size = kwargs["img_size"]
         default = int(size if isinstance(size, int) else size[0])
@@ -148,6 +224,5 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
         except TypeError:
             pass   # size-agnostic (convolutional) model
         except (ValueError, AssertionError, RuntimeError) as e:
-            raise SSFDeployError(f"{arch} cannot run at --image-size {size}: "
-                                 f"{str(e).splitlines()[0][:160]}") from None
+            raise UsageError(f"{arch} cannot run at --image-size {size}: {first_line(e)}") from None
     return kwargs, size

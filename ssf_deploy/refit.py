@@ -18,12 +18,14 @@ Where each initializer value comes from (:func:`compute_task_weights`):
    because the exporter merged equal weights, e.g. the all-zero biases of an untrained base — the
    graph cannot hold this task's weights and :class:`SSFDeployError` says so.
 
-The in-memory export also serves as the task's onnxruntime reference for a refitted engine.
+The map is the one source for what it covers; the in-memory export happens only for derived
+weights (and then also checks that the task fits the very same graph).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -130,21 +132,27 @@ class TaskWeights:
     from_map: list = field(default_factory=list)      # names read from the fused state_dict
     from_export: list = field(default_factory=list)   # derived names, from the in-memory export
     kept: list = field(default_factory=list)          # structural constants, as in the file
-    remapped: list = field(default_factory=list)      # map entries the export contradicted
     changed: int = 0                  # how many values differ from the file's
     settings: dict = field(default_factory=dict)
-    reference: Optional[onnx.ModelProto] = None       # the task's own export (when made)
+    reference: Optional[onnx.ModelProto] = None       # the task's own export (when one was needed)
+    export_seconds: float = 0.0
+
+    @property
+    def exported(self) -> bool:
+        return self.reference is not None
 
     def as_dict(self) -> dict:
         return {"weights": len(self.values), "from_state_dict": len(self.from_map),
                 "from_export": len(self.from_export), "kept_from_file": len(self.kept),
-                "map_entries_contradicted": len(self.remapped), "changed_vs_file": self.changed,
+                "exported_in_memory": self.exported, "changed_vs_file": self.changed,
                 "recipe": {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in self.settings.items()}}
 
     def summary(self) -> str:
+        how = (f"the task re-exported in memory for them ({self.export_seconds:.2f} s)"
+               if self.exported else "no re-export")
         return (f"{len(self.values)} weights: {len(self.from_map)} from the fused state_dict by "
-                f"the file's initializer map, {len(self.from_export)} derived (in-memory export), "
+                f"the file's initializer map, {len(self.from_export)} derived ({how}), "
                 f"{len(self.kept)} structural constants kept; {self.changed} differ from the "
                 f"file's values")
 
@@ -220,15 +228,21 @@ def _as_graph_array(value, init) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(value, dtype=dtype))
 
 
+def _structural(t) -> bool:
+    """Shape constants, indices, scalars: part of the graph, not of a task's weights."""
+    return t.data_type not in _FLOAT_TYPES or int(np.prod(t.dims)) <= 1
+
+
 def compute_task_weights(proto: onnx.ModelProto, fused_state: dict, fused_model=None, *,
                          names: Optional[Iterable[str]] = None,
                          settings: Optional[dict] = None) -> TaskWeights:
     """The task's value for every float initializer of ``proto`` (or for ``names``).
 
-    ``fused_state`` is the task's fused ``state_dict``; ``fused_model`` (the fused module) is
-    needed for derived initializers and for the graph check, and is exported once in memory.
-    ``names`` (e.g. a TensorRT refitter's weight names) may also name structural constants or
-    ``Constant`` nodes: those are taken from the task's export or, without one, from the file.
+    One source per weight: the file's initializer map (initializer -> state key) gives whatever
+    it covers, straight from ``fused_state``; structural constants stay as in the file; only
+    weights *derived* from several tensors (BatchNorm folded into a Conv, a reshaped layer scale)
+    need ``fused_model`` exported in memory with the file's own recipe — and only then is it
+    exported (``TaskWeights.exported``), after checking the export has the very same graph.
     """
     inits, consts = _graph_inits(proto), _constants(proto)
     meta = read_metadata(proto)
@@ -248,64 +262,52 @@ def compute_task_weights(proto: onnx.ModelProto, fused_state: dict, fused_model=
                              f"'{unknown[0]}'): the engine was built from another ONNX file")
 
     out = TaskWeights(values={}, settings=settings)
-    ref_inits, ref_consts = {}, {}
-    if fused_model is not None:
-        out.reference, out.settings = _export_like(fused_model, proto, settings)
-        ref_inits, ref_consts = _graph_inits(out.reference), _constants(out.reference)
-
-    missing = []
+    derived = []
     for name in wanted:
         init = inits.get(name)
         if init is not None and name in mapping:
-            key, how = mapping[name]
-            if key not in fused_state:
-                raise SSFDeployError(f"the task's fused weights lack '{key}' (initializer "
-                                     f"'{name}'): the pack is for another architecture")
-            value = fused_state[key]
-            value = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) \
-                else np.asarray(value)
-            if how == "transpose":
-                value = value.T
-            if tuple(value.shape) != tuple(init.dims):
-                raise SSFDeployError(f"the task does not fit the graph: initializer '{name}' is "
-                                     f"{tuple(init.dims)} in the ONNX file, the task's '{key}' is "
-                                     f"{tuple(value.shape)}")
-            value = _as_graph_array(value, init)
-            ref = ref_inits.get(name)
-            if ref is not None:
-                ref = numpy_helper.to_array(ref)
-                if not np.allclose(value, ref, rtol=1e-6, atol=1e-7):
-                    # the map was matched by value on another task: the export is the truth
-                    out.values[name] = np.ascontiguousarray(ref)
-                    out.from_export.append(name)
-                    out.remapped.append(name)
-                    continue
-            out.values[name] = value
+            out.values[name] = _from_map(name, init, mapping[name], fused_state)
             out.from_map.append(name)
-        elif name in ref_inits or name in ref_consts:
-            src = ref_inits.get(name) or ref_consts[name]
-            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(src))
-            derived = init is not None and init.data_type in _FLOAT_TYPES and \
-                int(np.prod(init.dims)) > 1
-            (out.from_export if derived else out.kept).append(name)
-        elif init is not None and (init.data_type not in _FLOAT_TYPES
-                                   or int(np.prod(init.dims)) <= 1):
-            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(init))
-            out.kept.append(name)
-        elif name in consts:
-            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(consts[name]))
+        elif _structural(init if init is not None else consts[name]):
+            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(
+                init if init is not None else consts[name]))
             out.kept.append(name)
         else:
-            missing.append(name)
-    if missing:
-        raise SSFDeployError(f"{len(missing)} initializer(s) are derived from several weights "
-                             f"(e.g. '{missing[0]}', BatchNorm folded into a Conv) and need the "
-                             f"fused model to be exported: pass fused_model")
+            derived.append(name)
+    if derived:
+        if fused_model is None:
+            raise SSFDeployError(f"{len(derived)} initializer(s) are derived from several weights "
+                                 f"(e.g. '{derived[0]}', BatchNorm folded into a Conv) and need "
+                                 f"the fused model to be exported: pass fused_model")
+        t0 = time.perf_counter()
+        out.reference, out.settings = _export_like(fused_model, proto, settings)
+        out.export_seconds = time.perf_counter() - t0
+        ref = {**_constants(out.reference), **_graph_inits(out.reference)}
+        for name in derived:
+            out.values[name] = np.ascontiguousarray(numpy_helper.to_array(ref[name]))
+            out.from_export.append(name)
     for name, value in out.values.items():
         src = inits.get(name) or consts.get(name)
         if src is not None and not np.array_equal(numpy_helper.to_array(src), value):
             out.changed += 1
     return out
+
+
+def _from_map(name: str, init, entry, fused_state: dict) -> np.ndarray:
+    key, how = entry
+    if key not in fused_state:
+        raise SSFDeployError(f"the task's fused weights lack '{key}' (initializer '{name}'): the "
+                             f"pack is for another architecture")
+    value = fused_state[key]
+    value = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) \
+        else np.asarray(value)
+    if how == "transpose":
+        value = value.T
+    if tuple(value.shape) != tuple(init.dims):
+        raise SSFDeployError(f"the task does not fit the graph: initializer '{name}' is "
+                             f"{tuple(init.dims)} in the ONNX file, the task's '{key}' is "
+                             f"{tuple(value.shape)}")
+    return _as_graph_array(value, init)
 
 
 def task_initializers(onnx_proto: onnx.ModelProto, fused_state: dict, fused_model=None,

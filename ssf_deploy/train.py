@@ -28,10 +28,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import builtin_dataset, inspect_data_dir, is_builtin_dir, make_loaders
-from .errors import SSFDeployError
+from .errors import SSFDeployError, first_line
 from .fileio import plain as _plain
-from .formats.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .models import count_params, create_base_model, resolve_arch, sized_kwargs
+from .formats.checkpoint import FORMAT, load_checkpoint, save_checkpoint, task_record
+from .formats.provenance import base_record, describe_base
+from .models import count_params, create_base_model, creation_record, resolve_arch, sized_kwargs
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "default_out"]
@@ -208,13 +209,15 @@ def _model_kwargs(arch: str, cfg: TrainConfig) -> tuple[dict, int]:
 
 
 def _build_model(arch: str, num_classes: int, kwargs: dict, cfg: TrainConfig) -> nn.Module:
+    random_base = not (cfg.pretrained or cfg.pretrained_file)
     try:
         model = create_base_model(arch, num_classes, pretrained=cfg.pretrained,
-                                  pretrained_file=cfg.pretrained_file, **kwargs)
+                                  pretrained_file=cfg.pretrained_file,
+                                  init_seed=cfg.seed if random_base else None, **kwargs)
     except SSFDeployError:
         raise
     except (TypeError, ValueError, AssertionError) as e:
-        raise SSFDeployError(f"cannot build {arch}: {str(e).splitlines()[0][:160]}") from None
+        raise SSFDeployError(f"cannot build {arch}: {first_line(e)}") from None
     apply_method(model, cfg.method, **cfg.method_options)
     return model
 
@@ -306,10 +309,10 @@ def _check_resume(ckpt: dict, path: str, *, arch: str, method: str, options: dic
         refuse("method options", ckpt["options"], options)
     if _plain(ckpt.get("model_kwargs") or {}) != _plain(model_kwargs):
         refuse("model kwargs", ckpt.get("model_kwargs"), model_kwargs)
-    theirs = dict(ckpt.get("base") or base)
-    keys = ("pretrained", "pretrained_file") + (() if base["pretrained"] else ("init_seed",))
-    if any(_plain(theirs.get(k)) != _plain(base.get(k)) for k in keys):
-        refuse("base weights", {k: theirs.get(k) for k in keys}, {k: base.get(k) for k in keys})
+    theirs = (ckpt.get("base") or {}).get("sha256")
+    if theirs != base["sha256"]:
+        refuse("base weights", f"{theirs} ({describe_base(ckpt.get('base'))})",
+               f"{base['sha256']} ({describe_base(base)})")
 
 
 # ----------------------------------------------------------------------------- training
@@ -349,200 +352,249 @@ def _check_numbers(cfg: TrainConfig) -> None:
             raise SSFDeployError(f"{name} out of range: {value}")
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Fine-tune ``cfg.arch`` with ``cfg.method``; a checkpoint is written after every epoch."""
+@dataclass
+class _Run:
+    """Everything a training run sets up once (timm train.py's setup, as one object)."""
+    cfg: TrainConfig
+    d: _Dist
+    device: torch.device
+    arch: str
+    num_classes: int
+    model_kwargs: dict
+    size: int
+    out: str
+    model: nn.Module
+    net: nn.Module
+    options: dict
+    base: dict
+    trainable: int
+    total: int
+    loaders: object
+    steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    amp: bool
+    mixup_fn: object
+    criterion: nn.Module
+    metrics: dict = field(default_factory=lambda: {"top1": [], "loss": []})
+    start: int = 0
+
+
+def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
+    """Data, model (+ its base record), optimiser, schedule, loss, and the resumed state."""
     from timm.data import Mixup, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
+
+    device = _resolve_device(cfg.device, d)
+    arch = resolve_arch(cfg.arch)
+    data_dir = _data_dir(cfg, d)
+    classes = inspect_data_dir(data_dir)
+    num_classes = int(cfg.num_classes or len(classes))
+    if num_classes != len(classes):
+        raise SSFDeployError(f"--num-classes {num_classes} but {data_dir} has "
+                             f"{len(classes)} classes")
+    model_kwargs, size = _model_kwargs(arch, cfg)
+
+    resume = _read_resume(cfg.resume) if cfg.resume else None
+    out = cfg.out or (cfg.resume if cfg.resume else default_out(arch, cfg.method))
+
+    _seed_all(cfg.seed)   # same initial weights (random head, SSF/prompt init) on every rank
+    model = _build_model(arch, num_classes, model_kwargs, cfg)
+    options = method_of(model)["options"]
+    rec = creation_record(model) or {}
+    # the frozen base never changes while training: hash it once, before the first step
+    base = base_record(model, trainable_state_dict(model), arch=arch, num_classes=num_classes,
+                       model_kwargs=model_kwargs, image_size=size, source=rec.get("source", "?"),
+                       init_seed=rec.get("init_seed"))
+    if resume is not None:
+        _check_resume(resume, cfg.resume, arch=arch, method=cfg.method, options=options,
+                      num_classes=num_classes, model_kwargs=model_kwargs, base=base)
+    trainable, total = count_params(model)
+
+    crop_scale = cfg.crop_scale or ((0.5, 1.0) if is_builtin_dir(data_dir) else None)
+    loaders = make_loaders(data_dir, image_size=size, batch_size=cfg.batch_size,
+                           workers=cfg.workers, seed=cfg.seed,
+                           data_config=resolve_data_config({}, model=model),
+                           crop_scale=crop_scale, hflip=cfg.hflip,
+                           color_jitter=cfg.color_jitter, rank=d.rank, world_size=d.world,
+                           drop_last=True, pin_memory=device.type == "cuda")
+    steps = len(loaders.train)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps == 0:
+        raise SSFDeployError(f"{data_dir}/train has fewer images than one batch per process "
+                             f"(--batch-size {cfg.batch_size})")
+
+    model.to(device)
+    net: nn.Module = model
+    try:
+        unused = _probe(model, size, device)
+    except (RuntimeError, AssertionError, ValueError) as e:   # e.g. a size the model refuses
+        raise SSFDeployError(f"{arch} cannot run a training step at {size}px: {first_line(e)}") \
+            from None
+    if unused and d.main and cfg.verbose:
+        print(f"note: {len(unused)} trainable parameter(s) get no gradient, e.g. {unused[0]}",
+              flush=True)
+    if d.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(unused))
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps
+    warmup = min(int(round(cfg.warmup_epochs * steps)), max(total_steps - 1, 0))
+    # timm warns that a one-step cosine "has no effect"; here that only means warm-up fills
+    # the run (e.g. --epochs 1 with --warmup-epochs 1), which the user asked for
+    sched_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = sched_log.level
+    sched_log.setLevel(logging.ERROR)
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1),
+                                      lr_min=cfg.min_lr, warmup_t=warmup,
+                                      warmup_lr_init=max(cfg.min_lr, cfg.lr * 1e-3),
+                                      warmup_prefix=True, t_in_epochs=False)
+    finally:
+        sched_log.setLevel(level)
+    amp = bool(cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                         label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif cfg.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    run = _Run(cfg, d, device, arch, num_classes, model_kwargs, size, out, model, net, options,
+               base, trainable, total, loaders, steps, optimizer, scheduler, scaler, amp,
+               mixup_fn, criterion)
+    if resume is not None:
+        _restore(run, resume)
+    return run
+
+
+def _restore(run: _Run, resume: dict) -> None:
+    """Load a checkpoint's trainable state, optimiser, schedule, scaler and RNG into ``run``."""
+    cfg = run.cfg
+    try:
+        load_trainable_state(run.model, resume["state"])
+        run.optimizer.load_state_dict(resume["optimizer"])
+        run.scheduler.load_state_dict(dict(resume["scheduler"]))
+        if run.amp and resume.get("scaler"):
+            run.scaler.load_state_dict(resume["scaler"])
+        _set_rng_state(resume["rng"])
+        run.start = int(resume["epoch"])
+        run.metrics = {k: [float(v) for v in resume["metrics"].get(k, [])] for k in run.metrics}
+    except SSFDeployError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise SSFDeployError(f"cannot resume from {cfg.resume}: {type(e).__name__}: "
+                             f"{first_line(e)}") from None
+    if run.d.main and cfg.verbose:
+        print(f"resumed {cfg.resume} after epoch {run.start}/{cfg.epochs}", flush=True)
+
+
+def _checkpoint(run: _Run, epoch_done: int) -> dict:
+    """What is saved after every epoch: the task (trainable state), how to rebuild and check its
+    base, golden probe outputs, and everything an exact resume needs."""
+    cfg = run.cfg
+    return {**task_record(run.model, image_size=run.size, base=run.base), "epoch": epoch_done,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": _plain(run.scheduler.state_dict()), "scaler": run.scaler.state_dict(),
+            "rng": _rng_state(), "args": cfg.as_args(), "classes": list(run.loaders.classes),
+            "metrics": {k: list(v) for k, v in run.metrics.items()}}
+
+
+def _train_one_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
+    """One epoch; returns (mean loss over all ranks, images seen over all ranks, seconds)."""
     from tqdm import tqdm
 
+    cfg, d, device = run.cfg, run.d, run.device
+    _seed_all(_epoch_seed(cfg.seed, epoch, d.rank))
+    run.loaders.train_sampler.set_epoch(epoch)
+    run.net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=run.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (d.main and cfg.progress), dynamic_ncols=True)
+    for step, (x, y) in enumerate(run.loaders.train):
+        if step >= run.steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if run.mixup_fn is not None:
+            if x.shape[0] % 2:       # timm's batch mixup pairs samples up
+                x, y = x[:-1], y[:-1]
+            x, y = run.mixup_fn(x, y)
+        with torch.autocast("cuda", dtype=torch.float16) if run.amp else nullcontext():
+            loss = run.criterion(run.net(x), y)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step_update(num_updates=epoch * run.steps + step + 1)
+        loss_sum += loss.detach().double() * x.shape[0]
+        seen += x.shape[0]
+        if bar.disable is False:
+            rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.4f}",
+                            lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{rate:.0f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    loss_total, n_total = _all_sum([float(loss_sum), float(seen)], device, d)
+    epoch_loss = loss_total / max(n_total, 1)
+    if not math.isfinite(epoch_loss):
+        raise SSFDeployError(f"training diverged: loss is {epoch_loss} in epoch {epoch + 1} "
+                             f"(try a lower --lr)")
+    return epoch_loss, n_total, elapsed
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Fine-tune ``cfg.arch`` with ``cfg.method``; a checkpoint is written after every epoch."""
     _check_numbers(cfg)
-    device_kind = _resolve_device(cfg.device).type
-    d = _setup_dist(device_kind)
+    d = _setup_dist(_resolve_device(cfg.device).type)
     try:
-        device = _resolve_device(cfg.device, d)
-        arch = resolve_arch(cfg.arch)
-        data_dir = _data_dir(cfg, d)
-        classes = inspect_data_dir(data_dir)
-        num_classes = int(cfg.num_classes or len(classes))
-        if num_classes != len(classes):
-            raise SSFDeployError(f"--num-classes {num_classes} but {data_dir} has "
-                                 f"{len(classes)} classes")
-        model_kwargs, size = _model_kwargs(arch, cfg)
-
-        resume = _read_resume(cfg.resume) if cfg.resume else None
-        out = cfg.out or (cfg.resume if cfg.resume else default_out(arch, cfg.method))
-
-        _seed_all(cfg.seed)   # same initial weights (random head, SSF/prompt init) on every rank
-        model = _build_model(arch, num_classes, model_kwargs, cfg)
-        options = method_of(model)["options"]
-        # init_seed: without pretrained weights the frozen base is timm's random init drawn right
-        # after torch.manual_seed(init_seed); that is how to rebuild it from a delta checkpoint
-        base = {"pretrained": bool(cfg.pretrained or cfg.pretrained_file),
-                "pretrained_file": os.path.abspath(cfg.pretrained_file) if cfg.pretrained_file else None,
-                "init_seed": int(cfg.seed)}
-        if resume is not None:
-            _check_resume(resume, cfg.resume, arch=arch, method=cfg.method, options=options,
-                          num_classes=num_classes, model_kwargs=model_kwargs, base=base)
-        trainable, total = count_params(model)
-
-        mixup_on = cfg.mixup > 0 or cfg.cutmix > 0
-        crop_scale = cfg.crop_scale or ((0.5, 1.0) if is_builtin_dir(data_dir) else None)
-        loaders = make_loaders(data_dir, image_size=size, batch_size=cfg.batch_size,
-                               workers=cfg.workers, seed=cfg.seed,
-                               data_config=resolve_data_config({}, model=model),
-                               crop_scale=crop_scale, hflip=cfg.hflip,
-                               color_jitter=cfg.color_jitter, rank=d.rank, world_size=d.world,
-                               drop_last=True, pin_memory=device.type == "cuda")
-        steps = len(loaders.train)
-        if cfg.max_steps_per_epoch:
-            steps = min(steps, cfg.max_steps_per_epoch)
-        if steps == 0:
-            raise SSFDeployError(f"{data_dir}/train has fewer images than one batch per process "
-                                 f"(--batch-size {cfg.batch_size})")
-
-        model.to(device)
-        net: nn.Module = model
-        try:
-            unused = _probe(model, size, device)
-        except (RuntimeError, AssertionError, ValueError) as e:   # e.g. a size the model refuses
-            raise SSFDeployError(f"{arch} cannot run a training step at {size}px: "
-                                 f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}") \
-                from None
-        if unused and d.main and cfg.verbose:
-            print(f"note: {len(unused)} trainable parameter(s) get no gradient, e.g. {unused[0]}",
-                  flush=True)
-        if d.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=bool(unused))
-
-        optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total_steps = cfg.epochs * steps
-        warmup = min(int(round(cfg.warmup_epochs * steps)), max(total_steps - 1, 0))
-        # timm warns that a one-step cosine "has no effect"; here that only means warm-up fills
-        # the run (e.g. --epochs 1 with --warmup-epochs 1), which the user asked for
-        sched_log = logging.getLogger("timm.scheduler.cosine_lr")
-        level = sched_log.level
-        sched_log.setLevel(logging.ERROR)
-        try:
-            scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1),
-                                          lr_min=cfg.min_lr, warmup_t=warmup,
-                                          warmup_lr_init=max(cfg.min_lr, cfg.lr * 1e-3),
-                                          warmup_prefix=True, t_in_epochs=False)
-        finally:
-            sched_log.setLevel(level)
-        amp = bool(cfg.amp and device.type == "cuda")
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-        mixup_fn = None
-        if mixup_on:
-            mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
-                             label_smoothing=cfg.label_smoothing, num_classes=num_classes)
-            criterion = SoftTargetCrossEntropy()
-        elif cfg.label_smoothing > 0:
-            criterion = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
-        else:
-            criterion = nn.CrossEntropyLoss()
-
-        metrics = {"top1": [], "loss": []}
-        start = 0
-        if resume is not None:
-            try:
-                load_trainable_state(model, resume["state"])
-                optimizer.load_state_dict(resume["optimizer"])
-                scheduler.load_state_dict(dict(resume["scheduler"]))
-                if amp and resume.get("scaler"):
-                    scaler.load_state_dict(resume["scaler"])
-                _set_rng_state(resume["rng"])
-                start = int(resume["epoch"])
-                metrics = {k: [float(v) for v in resume["metrics"].get(k, [])] for k in metrics}
-            except SSFDeployError:
-                raise
-            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-                raise SSFDeployError(f"cannot resume from {cfg.resume}: "
-                                     f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") \
-                    from None
-            if d.main and cfg.verbose:
-                print(f"resumed {cfg.resume} after epoch {start}/{cfg.epochs}", flush=True)
-
-        def checkpoint(epoch_done: int) -> dict:
-            return {"format": FORMAT, "arch": arch, "num_classes": num_classes,
-                    "method": cfg.method, "options": _plain(options),
-                    "model_kwargs": _plain(model_kwargs), "state": trainable_state_dict(model),
-                    "epoch": epoch_done, "optimizer": optimizer.state_dict(),
-                    "scheduler": _plain(scheduler.state_dict()), "scaler": scaler.state_dict(),
-                    "rng": _rng_state(), "args": cfg.as_args(), "classes": list(loaders.classes),
-                    "metrics": {k: list(v) for k, v in metrics.items()}, "base": base}
-
+        run = _setup(cfg, d)
         if d.main and cfg.verbose:
-            print(f"training {arch} with {cfg.method}: {trainable:,} of {total:,} parameters "
-                  f"trainable, {num_classes} classes, {len(loaders.train.dataset)} train / "
-                  f"{len(loaders.val.dataset)} val images at {size}px, {steps} steps/epoch, "
-                  f"device {device}{f' x{d.world}' if d.enabled else ''}"
-                  f"{', amp' if amp else ''}", flush=True)
+            print(f"training {run.arch} with {cfg.method}: {run.trainable:,} of {run.total:,} "
+                  f"parameters trainable, {run.num_classes} classes, "
+                  f"{len(run.loaders.train.dataset)} train / {len(run.loaders.val.dataset)} val "
+                  f"images at {run.size}px, {run.steps} steps/epoch, device {run.device}"
+                  f"{f' x{d.world}' if d.enabled else ''}{', amp' if run.amp else ''}; base "
+                  f"{describe_base(run.base)}", flush=True)
 
-        if start >= cfg.epochs and d.main:   # nothing left: still honour --out
-            if os.path.abspath(out) != os.path.abspath(cfg.resume):
-                save_checkpoint(checkpoint(start), out)
+        if run.start >= cfg.epochs and d.main:   # nothing left: still honour --out
+            if os.path.abspath(run.out) != os.path.abspath(cfg.resume):
+                save_checkpoint(_checkpoint(run, run.start), run.out)
 
-        for epoch in range(start, cfg.epochs):
-            _seed_all(_epoch_seed(cfg.seed, epoch, d.rank))
-            loaders.train_sampler.set_epoch(epoch)
-            net.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
-            t0 = time.perf_counter()
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (d.main and cfg.progress), dynamic_ncols=True)
-            for step, (x, y) in enumerate(loaders.train):
-                if step >= steps:
-                    break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    if x.shape[0] % 2:       # timm's batch mixup pairs samples up
-                        x, y = x[:-1], y[:-1]
-                    x, y = mixup_fn(x, y)
-                with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
-                    loss = criterion(net(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step_update(num_updates=epoch * steps + step + 1)
-                loss_sum += loss.detach().double() * x.shape[0]
-                seen += x.shape[0]
-                if bar.disable is False:
-                    rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{loss.item():.4f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{rate:.0f}", refresh=False)
-                bar.update(1)
-            bar.close()
-            elapsed = time.perf_counter() - t0
-            loss_total, n_total = _all_sum([float(loss_sum), float(seen)], device, d)
-            epoch_loss = loss_total / max(n_total, 1)
-            if not math.isfinite(epoch_loss):
-                raise SSFDeployError(f"training diverged: loss is {epoch_loss} in epoch {epoch + 1} "
-                                     f"(try a lower --lr)")
-            top1 = evaluate(net, loaders.val, device, amp=amp)
-            metrics["loss"].append(epoch_loss)
-            metrics["top1"].append(top1)
+        for epoch in range(run.start, cfg.epochs):
+            epoch_loss, n_total, elapsed = _train_one_epoch(run, epoch)
+            top1 = evaluate(run.net, run.loaders.val, run.device, amp=run.amp)
+            run.metrics["loss"].append(epoch_loss)
+            run.metrics["top1"].append(top1)
             if d.main:
-                save_checkpoint(checkpoint(epoch + 1), out)
+                save_checkpoint(_checkpoint(run, epoch + 1), run.out)
                 if cfg.verbose:
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}  top1 {top1:.2f}%  "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e}  "
-                          f"{n_total / max(elapsed, 1e-9):.0f} img/s  -> {out}", flush=True)
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4f}  top1 "
+                          f"{top1:.2f}%  lr {run.optimizer.param_groups[0]['lr']:.2e}  "
+                          f"{n_total / max(elapsed, 1e-9):.0f} img/s  -> {run.out}", flush=True)
             d.barrier()   # nobody runs ahead (or exits) before the checkpoint is on disk
             if cfg.on_epoch_end is not None:
-                cfg.on_epoch_end(epoch + 1, {k: list(v) for k, v in metrics.items()})
+                cfg.on_epoch_end(epoch + 1, {k: list(v) for k, v in run.metrics.items()})
 
-        return TrainResult(checkpoint=out, arch=arch, method=cfg.method, num_classes=num_classes,
-                           epochs=max(start, cfg.epochs), metrics=metrics,
-                           top1=metrics["top1"][-1] if metrics["top1"] else None,
-                           trainable_params=trainable, total_params=total)
+        m = run.metrics
+        return TrainResult(checkpoint=run.out, arch=run.arch, method=cfg.method,
+                           num_classes=run.num_classes, epochs=max(run.start, cfg.epochs),
+                           metrics=m, top1=m["top1"][-1] if m["top1"] else None,
+                           trainable_params=run.trainable, total_params=run.total)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()

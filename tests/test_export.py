@@ -70,10 +70,7 @@ def _checkpoint(tmp_path, family="vit"):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
     sd.apply_method(model, "ssf", init_std=0.3)
     ckpt = str(tmp_path / "ckpt.pt")
-    save_checkpoint({"format": FORMAT, "arch": "test_vit", "num_classes": 5, "method": "ssf",
-                     "options": sd.method_of(model)["options"],
-                     "model_kwargs": {"img_size": 32, "patch_size": 8},
-                     "state": trainable_state_dict(model)}, ckpt)
+    sd.save_task(model, ckpt)
     return ckpt, base
 
 
@@ -85,8 +82,10 @@ def test_fuse_cli_end_to_end_with_pack(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert rc == 0, report
     assert report["passed"] and report["onnx"]["same_graph_as_base"]
-    ort = [c for c in report["checks"] if c["candidate"] == "fused (onnxruntime)"]
-    assert len(ort) == 1 and ort[0]["passed"]
+    ort = {c["reference"]: c["passed"] for c in report["checks"]
+           if c["candidate"] == "fused (onnxruntime)"}
+    # against the rebuilt unfused model AND against the outputs recorded at training
+    assert ort == {"unfused (PyTorch)": True, "recorded at training (golden probe)": True}, ort
     assert os.path.getsize(pack) < os.path.getsize(tmp_path / "fused.safetensors") / 10
     # the pack + shared base weights rebuild the same deployed model
     out2 = str(tmp_path / "m2.onnx")
@@ -95,11 +94,11 @@ def test_fuse_cli_end_to_end_with_pack(tmp_path, capsys):
     wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
     wb = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
-    # the CI gate passes against the file, fails against the wrong base
+    # the CI gate passes against the file; without the base it refuses to guess one
     assert main(["verify", ckpt, "--base-weights", base, "--onnx", out]) == 0
     capsys.readouterr()
-    assert main(["verify", ckpt, "--onnx", out]) == 1
-    assert "FAIL" in capsys.readouterr().out
+    assert main(["verify", ckpt, "--onnx", out]) == 2
+    assert "pass --base-weights" in capsys.readouterr().err
 
 
 def test_export_cli_matches_fused_node_count(tmp_path, capsys):
@@ -110,9 +109,7 @@ def test_export_cli_matches_fused_node_count(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
     sd.apply_method(model, "ssf", init_std=0.3)
     ckpt = str(tmp_path / "c.pt")
-    save_checkpoint({"format": FORMAT, "arch": "test_convnext", "num_classes": 4, "method": "ssf",
-                     "options": sd.method_of(model)["options"], "state": trainable_state_dict(model)},
-                    ckpt)
+    sd.save_task(model, ckpt)
     assert main(["fuse", ckpt, "--base-weights", base, "--out", str(tmp_path / "f.onnx"),
                  "--image-size", "64", "--json"]) == 0
     fused = json.loads(capsys.readouterr().out)["onnx"]["fused"]
@@ -172,9 +169,7 @@ def test_fuse_refuses_non_ssf_checkpoint(tmp_path, capsys):
     model = sd.create_base_model("test_vit", 5, img_size=32, patch_size=8)
     sd.apply_method(model, "adapter")
     ckpt = str(tmp_path / "a.pt")
-    save_checkpoint({"format": FORMAT, "arch": "test_vit", "num_classes": 5, "method": "adapter",
-                     "options": {}, "model_kwargs": {"img_size": 32, "patch_size": 8},
-                     "state": trainable_state_dict(model)}, ckpt)
+    sd.save_task(model, ckpt)
     assert main(["fuse", ckpt, "--out", str(tmp_path / "m.onnx")]) == 2
     assert "only ssf fuses" in capsys.readouterr().err
 
@@ -220,5 +215,7 @@ def test_verify_inputs_from_an_image_folder(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
     assert main(["verify", ckpt, "--base-weights", base, "--inputs", str(imgs), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["reports"][0]["outputs"][0]["shape"] == [5, 5]
+    fused = [r for r in report["reports"] if r["candidate"] == "fused (PyTorch)"
+             and r["reference"] == "unfused (PyTorch)"]
+    assert fused[0]["outputs"][0]["shape"] == [5, 5]
     assert main(["verify", ckpt, "--base-weights", base, "--inputs", str(tmp_path / "none")]) == 2

@@ -15,6 +15,7 @@ RUN = os.path.join(ROOT, "benchmarks", "transfer", "run.py")
 
 pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow
 
 
 def _load():

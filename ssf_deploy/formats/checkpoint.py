@@ -14,17 +14,20 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
-from ..errors import CheckpointError, first_line
-from ..fileio import atomic_path
-from ..tuners import infer_method
+from ..errors import CheckpointError, UsageError, first_line
+from ..fileio import atomic_path, plain
+from ..models import creation_record, input_size
+from ..tuners import infer_method, method_of, trainable_state_dict
+from .provenance import base_record, record_probe
 from .task import Task
 
 __all__ = ["FORMAT", "SAFE_GLOBALS", "save_checkpoint", "load_checkpoint", "is_ours",
-           "read_ours", "is_state_dict", "read_state_dict"]
+           "read_ours", "is_state_dict", "read_state_dict", "task_record", "save_task"]
 
 FORMAT = "ssf-deploy/checkpoint/1"
 SAFE_GLOBALS = [argparse.Namespace]
@@ -33,6 +36,37 @@ SAFE_GLOBALS = [argparse.Namespace]
 def save_checkpoint(obj: dict, path: str) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def task_record(model: nn.Module, *, image_size: Optional[int] = None,
+                base: Optional[dict] = None) -> dict:
+    """The part of a checkpoint that makes it a deployable task: architecture, method, the
+    task's tensors, the base it was trained on (content hash) and golden probe outputs.
+
+    ``model`` must come from :func:`~ssf_deploy.models.create_base_model` + ``apply_method``;
+    its frozen tensors must still be the base's (they are, when the method froze them).
+    """
+    rec = creation_record(model)
+    meta = method_of(model)
+    if rec is None or meta is None:
+        raise UsageError("save a task from a model made by ssf_deploy.create_base_model + "
+                         "apply_method (its architecture and method must be known)")
+    size = int(image_size or input_size(model)[1])
+    state = trainable_state_dict(model)
+    if base is None:
+        base = base_record(model, state, arch=rec["arch"], num_classes=rec["num_classes"],
+                           model_kwargs=rec["kwargs"], image_size=size,
+                           source=rec.get("source", "?"), init_seed=rec.get("init_seed"))
+    return {"format": FORMAT, "arch": rec["arch"], "num_classes": rec["num_classes"],
+            "method": meta["method"], "options": plain(meta["options"]),
+            "model_kwargs": plain(rec["kwargs"]), "image_size": size, "state": state,
+            "base": base, "probe": record_probe(model, size)}
+
+
+def save_task(model: nn.Module, path: str, *, image_size: Optional[int] = None,
+              extra: Optional[dict] = None) -> None:
+    """Save a tuned model (trained with your own loop) as a checkpoint ``fuse``/``verify`` read."""
+    save_checkpoint(dict(task_record(model, image_size=image_size), **(extra or {})), path)
 
 
 def load_checkpoint(path: str) -> Any:

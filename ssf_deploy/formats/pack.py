@@ -11,13 +11,15 @@ import json
 import os
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError, first_line
 from ..fileio import save_safetensors
-from ..models import creation_record
+from ..models import creation_record, input_size
 from ..tuners import method_of, trainable_state_dict
-from .task import Task
+from .provenance import base_record, record_probe
+from .task import Task, provenance_of
 
 __all__ = ["PACK_FORMAT", "save_pack", "read_pack", "is_pack", "read_safetensors"]
 
@@ -39,15 +41,29 @@ def save_pack(model: nn.Module, path: str, *, arch: Optional[str] = None,
     arch = arch or rec.get("arch")
     if not arch:
         raise UsageError("cannot write a pack without the architecture name (pass --model)")
+    kwargs = model_kwargs if model_kwargs is not None else rec.get("kwargs", {})
+    prov = provenance_of(model) or {}
+    image_size = prov.get("image_size") or input_size(model)[1]
+    probe = prov.get("probe")
+    if probe is None:   # nothing recorded at training (official / plain checkpoints): record now
+        probe = dict(record_probe(model, image_size), recorded="when the pack was written")
+    state = trainable_state_dict(model)
+    base = prov.get("base")
+    if base is None:
+        src = rec.get("source", "?")
+        base = base_record(model, state, arch=arch, num_classes=num_classes or rec["num_classes"],
+                           model_kwargs=kwargs, image_size=image_size, source=src,
+                           init_seed=rec.get("init_seed"))
+    info = dict(extra or {}, base=base, image_size=int(image_size),
+                probe={k: (v.tolist() if isinstance(v, torch.Tensor) else v)
+                       for k, v in probe.items()})
     metadata = {
         "format": PACK_FORMAT, "arch": arch,
         "num_classes": str(num_classes or rec.get("num_classes") or ""),
         "method": "ssf", "options": _dumps(meta["options"]),
-        "model_kwargs": _dumps(model_kwargs if model_kwargs is not None
-                               else rec.get("kwargs", {})),
-        "extra": _dumps(extra or {}),
+        "model_kwargs": _dumps(kwargs), "extra": _dumps(info),
     }
-    save_safetensors(trainable_state_dict(model), path, metadata=metadata)
+    save_safetensors(state, path, metadata=metadata)
     return os.path.getsize(path)
 
 
@@ -85,7 +101,9 @@ def read_pack(path: str) -> Task:
         kwargs = json.loads(meta.get("model_kwargs") or "{}")
         extra = json.loads(meta.get("extra") or "{}")
         nc = int(meta["num_classes"]) if meta.get("num_classes") else None
-    except (json.JSONDecodeError, ValueError) as e:
+        if isinstance(extra.get("probe"), dict) and "logits" in extra["probe"]:
+            extra["probe"]["logits"] = torch.tensor(extra["probe"]["logits"], dtype=torch.float32)
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
         raise CheckpointError(f"corrupt pack metadata in {path}: {first_line(e)}") from None
     return Task(meta.get("arch"), nc, meta.get("method", "ssf"), options, state, source="pack",
                 extra=extra, model_kwargs=kwargs, path=path)

@@ -27,9 +27,40 @@ def load_task(ckpt: Optional[str], pack: Optional[str]) -> Task:
     return task
 
 
-def tuned_model(task: Task, arch, num_classes, base_weights, pretrained=False):
-    return build_model(task, arch=arch, num_classes=num_classes, base_weights=base_weights,
-                       pretrained=pretrained)
+def tuned_model(task: Task, arch, num_classes, base_weights, pretrained=False,
+                allow_base_mismatch=False):
+    model = build_model(task, arch=arch, num_classes=num_classes, base_weights=base_weights,
+                        pretrained=pretrained, allow_base_mismatch=allow_base_mismatch)
+    from ..deploy import anchor_of
+    anchor = anchor_of(model)
+    if str(anchor.get("base_status", "")).endswith("overridden"):
+        click.echo(f"WARNING: base {anchor['base']}; outputs are NOT anchored to the trained "
+                   f"model's base", err=True)
+    return model
+
+
+def image_size_for(task: Task, override: Optional[int]) -> Optional[int]:
+    """``--image-size`` if given, else the size the task was trained at (None: model default)."""
+    if override is not None:
+        if override < 1:
+            raise UsageError(f"--image-size must be >= 1, got {override}")
+        return override
+    return task.image_size
+
+
+def base_options(fn):
+    """--base-weights / --pretrained / --allow-base-mismatch, shared by fuse, verify, refit."""
+    for opt in reversed([
+        click.option("--base-weights", type=click.Path(dir_okay=False),
+                     help="Base model weights (.safetensors/.pth), offline; checked against the "
+                          "base hash recorded at training."),
+        click.option("--pretrained", is_flag=True, help="Fetch base weights from the timm hub."),
+        click.option("--allow-base-mismatch", is_flag=True,
+                     help="Deploy even if the base is not the one the task was trained on (or "
+                          "cannot be checked); reported loudly, packs refused."),
+    ]):
+        fn = opt(fn)
+    return fn
 
 
 def make_inputs(spec: str, model, batch_size: int, image_size: Optional[int],

@@ -9,7 +9,8 @@ import click
 
 from ..errors import UsageError, VerificationError
 from ..verify import DEFAULT_ATOL, DEFAULT_RTOL
-from ._common import emit, load_task, make_inputs, progress_printer, tuned_model
+from ._common import (base_options, emit, image_size_for, load_task, make_inputs,
+                      progress_printer, tuned_model)
 
 
 @click.command()
@@ -18,9 +19,7 @@ from ._common import emit, load_task, make_inputs, progress_printer, tuned_model
 @click.option("--pack", type=click.Path(dir_okay=False), help="Task pack instead of a checkpoint.")
 @click.option("--model", "arch", help="timm architecture (default: from the checkpoint).")
 @click.option("--num-classes", type=int, help="Classes (default: from the checkpoint).")
-@click.option("--base-weights", type=click.Path(dir_okay=False),
-              help="Base model weights (.safetensors/.pth), offline.")
-@click.option("--pretrained", is_flag=True, help="Fetch base weights from the timm hub.")
+@base_options
 @click.option("--opset", default=17, show_default=True, type=int)
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
@@ -33,7 +32,8 @@ from ._common import emit, load_task, make_inputs, progress_printer, tuned_model
 @click.option("--inputs", "inputs_spec", default="2", show_default=True,
               help="N random batches, or a folder of images.")
 @click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--image-size", type=int, help="Override the input resolution.")
+@click.option("--image-size", type=int,
+              help="Input resolution (default: the one the task was trained at).")
 @click.option("--compare-graph", type=click.Choice(["cached", "always", "never"]),
               default="cached", show_default=True,
               help="Compare the ONNX with the base export: cached statistics, a fresh export, "
@@ -42,9 +42,9 @@ from ._common import emit, load_task, make_inputs, progress_printer, tuned_model
               help="Fail unless the ONNX graph equals the base export node for node.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No per-stage progress on stderr.")
-def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, opset, dynamic_batch,
-         no_simplify, save_weights, save_pack, atol, rtol, inputs_spec, batch_size, image_size,
-         compare_graph, strict_graph, as_json, quiet):
+def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, allow_base_mismatch, opset,
+         dynamic_batch, no_simplify, save_weights, save_pack, atol, rtol, inputs_spec, batch_size,
+         image_size, compare_graph, strict_graph, as_json, quiet):
     """Fold SSF into the base weights, verify, export ONNX, check it in onnxruntime."""
     from ..deploy import deploy
     from ..models import creation_record
@@ -56,8 +56,8 @@ def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, opset, dy
     task = load_task(ckpt, pack)
     if task.method != "ssf":
         raise UsageError(f"checkpoint holds method '{task.method}'; only ssf fuses")
-    model = tuned_model(task, arch, num_classes, base_weights, pretrained)
-    inputs = make_inputs(inputs_spec, model, batch_size, image_size)
+    model = tuned_model(task, arch, num_classes, base_weights, pretrained, allow_base_mismatch)
+    inputs = make_inputs(inputs_spec, model, batch_size, image_size_for(task, image_size))
     rec = creation_record(model) or {}
     try:
         report = deploy(model, inputs, out=out, atol=atol, rtol=rtol, opset=opset,

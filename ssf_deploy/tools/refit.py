@@ -20,7 +20,7 @@ import click
 import torch
 
 from ..errors import UsageError, VerificationError
-from ._common import emit, load_task, tuned_model
+from ._common import base_options, emit, load_task, tuned_model
 
 
 def _inputs(settings, batch_size, n, seed=0) -> list:
@@ -33,9 +33,7 @@ def _inputs(settings, batch_size, n, seed=0) -> list:
 @click.argument("target", metavar="MODEL.plan|MODEL.onnx", type=click.Path(dir_okay=False))
 @click.option("--pack", required=True, type=click.Path(dir_okay=False),
               help="Task pack (.safetensors) to swap in.")
-@click.option("--base-weights", type=click.Path(dir_okay=False),
-              help="Base model weights the pack was trained on (.safetensors/.pth).")
-@click.option("--pretrained", is_flag=True, help="Fetch the base weights from the timm hub.")
+@base_options
 @click.option("--onnx", "onnx_opt", type=click.Path(dir_okay=False),
               help="For a .plan: the ONNX it was built from (default: from the sidecar, else "
                    "<stem>.onnx).")
@@ -49,8 +47,8 @@ def _inputs(settings, batch_size, n, seed=0) -> list:
               help="Batch of the compared inputs (dynamic-batch models).")
 @click.option("--verbose", is_flag=True, help="TensorRT INFO log.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def refit(target, pack, base_weights, pretrained, onnx_opt, out, atol, rtol, n_inputs,
-          batch_size, verbose, as_json):
+def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt, out, atol, rtol,
+          n_inputs, batch_size, verbose, as_json):
     """Refit a TensorRT engine / ONNX Runtime session with a task pack's fused weights."""
     from .. import engine as E
     from ..refit import check_task_matches, export_settings, load_onnx
@@ -86,7 +84,7 @@ def refit(target, pack, base_weights, pretrained, onnx_opt, out, atol, rtol, n_i
 
     from ..fuse import fuse
     t0 = time.perf_counter()
-    model = tuned_model(task, None, None, base_weights, pretrained)
+    model = tuned_model(task, None, None, base_weights, pretrained, allow_base_mismatch)
     g = torch.Generator().manual_seed(1)
     fused = fuse(model, torch.randn(2, *settings["chw"], generator=g))
     prep = time.perf_counter() - t0
@@ -112,17 +110,23 @@ def _refit_onnx(onnx_path, proto, model, fused, out, atol, rtol, inputs, as_json
     t_session = time.perf_counter() - t0
     report = verify(model, runner, inputs, atol=atol, rtol=rtol, names=["logits"])
     report.reference = "unfused task (PyTorch)"
+    golden = _golden(model, runner, settings_of(proto), atol, rtol)
     lines = [f"task {pack} on {onnx_path}: {weights.summary()}",
              f"task model + fuse {prep:.2f} s, weights by name {t_weights:.2f} s, new session "
-             f"with swapped initializers {t_session:.3f} s (no re-export)", str(report)]
+             f"with swapped initializers {t_session:.3f} s", str(report)]
+    lines += [str(golden)] if golden is not None else []
+    passed = report.passed and (golden is None or golden.passed)
     result = {"target": onnx_path, "pack": pack, "weights": weights.as_dict(),
               "seconds": {"task_and_fuse": round(prep, 3), "weights": round(t_weights, 3),
                           "session": round(t_session, 4)},
-              "verify": report.as_dict(), "passed": report.passed}
-    if not report.passed:
+              "verify": report.as_dict(),
+              "verify_recorded": golden.as_dict() if golden is not None else None,
+              "passed": passed}
+    if not passed:
         emit(result, as_json, "\n".join(lines))
-        raise VerificationError("onnxruntime with the task's initializers does not match the task's "
-                             "unfused model — nothing written")
+        raise VerificationError("onnxruntime with the task's initializers does not match the "
+                                "task (its unfused model, or the outputs recorded at training) "
+                                "— nothing written")
     if out:
         import onnx
         from ..fileio import atomic_path
@@ -132,6 +136,25 @@ def _refit_onnx(onnx_path, proto, model, fused, out, atol, rtol, inputs, as_json
         lines.append(f"wrote {out} (the same graph holding the task's weights)")
         result["out"] = out
     emit(result, as_json, "\n".join(lines) + "\nPASS")
+
+
+def settings_of(proto):
+    from ..refit import export_settings
+    return export_settings(proto)
+
+
+def _golden(model, runner, settings, atol, rtol):
+    """The refitted artefact against the outputs recorded when the task was trained."""
+    from ..deploy import GoldenProbe
+    from ..formats.task import provenance_of
+    probe = (provenance_of(model) or {}).get("probe")
+    if probe is None:
+        return None
+    golden = GoldenProbe(probe)
+    if tuple(golden.inputs.shape[1:]) != tuple(settings["chw"]):
+        return None
+    return golden.check(runner, getattr(runner, "label", "refitted"), atol=atol, rtol=rtol,
+                        per_sample=not settings["dynamic_batch"])
 
 
 def _tol(atol, rtol, fp16):
@@ -176,9 +199,11 @@ def _refit_plan(trt, plan, onnx_path, proto, settings, task, model, fused, out, 
         opt = int(b[1][0])
         inputs = [torch.randn(opt, *settings["chw"], generator=torch.Generator().manual_seed(i))
                   for i in range(len(inputs))]
-    reference = OrtRunner(weights.reference, providers=["CPUExecutionProvider"],
-                          label="onnxruntime (task's own export)")
+    from ..refit import bake_initializers as _bake
+    reference = OrtRunner(_bake(proto, weights.values), providers=["CPUExecutionProvider"],
+                          label="onnxruntime (same graph, the task's weights)")
     report = verify(reference, runner, inputs, atol=atol, rtol=rtol, names=runner.outputs)
+    golden = _golden(model, runner, settings, atol, rtol)
     build_s = side.get("build_seconds")
     speed = f" vs build {build_s:.2f} s ({build_s / max(info['refit_seconds'], 1e-9):.0f}x)" \
         if isinstance(build_s, (int, float)) else ""
@@ -186,13 +211,17 @@ def _refit_plan(trt, plan, onnx_path, proto, settings, task, model, fused, out, 
              f"refit {info['weights']} weights in {info['refit_seconds']:.3f} s "
              f"({info['method']} + refit_cuda_engine){speed}; task model + fuse {prep:.2f} s, "
              f"weights by name {holder['seconds']:.2f} s", str(report)]
+    lines += [str(golden)] if golden is not None else []
+    passed = report.passed and (golden is None or golden.passed)
     result = {"target": plan, "onnx": onnx_path, "pack": pack, "weights": weights.as_dict(),
               "refit": info, "build_seconds": build_s, "verify": report.as_dict(),
-              "passed": report.passed}
-    if not report.passed:
+              "verify_recorded": golden.as_dict() if golden is not None else None,
+              "passed": passed}
+    if not passed:
         emit(result, as_json, "\n".join(lines))
-        raise VerificationError("the refitted engine does not match onnxruntime for this task — "
-                             "nothing written")
+        raise VerificationError("the refitted engine does not match this task (onnxruntime on "
+                                "its weights, or the outputs recorded at training) — nothing "
+                                "written")
     if out:
         data = bytes(memoryview(engine.serialize()))
         E.write_plan(out, data, {**side, **E.build_sidecar(onnx_path, out, {}),

@@ -1,13 +1,18 @@
-"""``ssf-deploy verify``: the CI gate. Exit 0 only when fused (and ONNX) match the unfused model."""
+"""``ssf-deploy verify``: the CI gate. Exit 0 only when the deployed model is the trained one.
+
+Every candidate (fused PyTorch, optionally an ONNX file) is compared with two references: the
+unfused model rebuilt from the checkpoint, and — when the task recorded them at training — the
+golden probe outputs, which the rebuild itself must also reproduce. The base the rebuild uses is
+hash-checked against the one recorded at training.
+"""
 from __future__ import annotations
 
 import click
 import torch
 
 from ..errors import UsageError, VerificationError
-from ..verify import (DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, compare,
-                      resolve_tolerances, run_outputs)
-from ._common import emit, load_task, make_inputs, tuned_model
+from ..verify import DEFAULT_ATOL, DEFAULT_RTOL, FP16_ATOL, FP16_RTOL, compare, resolve_tolerances, run_outputs
+from ._common import (base_options, emit, image_size_for, load_task, make_inputs, tuned_model)
 
 
 class _Half(torch.nn.Module):
@@ -30,45 +35,60 @@ class _Half(torch.nn.Module):
               help="Also compare this ONNX model under onnxruntime.")
 @click.option("--model", "arch", help="timm architecture (default: from the checkpoint).")
 @click.option("--num-classes", type=int)
-@click.option("--base-weights", type=click.Path(dir_okay=False))
-@click.option("--pretrained", is_flag=True, help="Fetch base weights from the timm hub.")
+@base_options
 @click.option("--atol", type=float, help=f"Absolute tolerance ({DEFAULT_ATOL:g}; fp16 {FP16_ATOL:g}).")
 @click.option("--rtol", type=float, help=f"Relative tolerance ({DEFAULT_RTOL:g}; fp16 {FP16_RTOL:g}).")
 @click.option("--fp16", is_flag=True, help="Run the fused model in float16, fp16 tolerances.")
 @click.option("--inputs", "inputs_spec", default="2", show_default=True,
               help="N random batches, or a folder of images.")
 @click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--image-size", type=int)
+@click.option("--image-size", type=int,
+              help="Input resolution (default: the one the task was trained at).")
 @click.option("--json", "as_json", is_flag=True)
-def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, atol, rtol, fp16,
-           inputs_spec, batch_size, image_size, as_json):
-    """Compare the unfused model with the fused one (and ONNX): exit 0 only if all pass."""
+def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, allow_base_mismatch,
+           atol, rtol, fp16, inputs_spec, batch_size, image_size, as_json):
+    """Compare the fused model (and ONNX) with the trained one: exit 0 only if all pass."""
+    from ..deploy import GoldenProbe, anchor_of
     from ..export import OrtRunner
+    from ..formats.task import provenance_of
     from ..fuse import fuse
 
     atol, rtol = resolve_tolerances(atol, rtol, fp16)
     task = load_task(ckpt, pack)
-    model = tuned_model(task, arch, num_classes, base_weights, pretrained)
-    inputs = make_inputs(inputs_spec, model, batch_size, image_size)
+    model = tuned_model(task, arch, num_classes, base_weights, pretrained, allow_base_mismatch)
+    inputs = make_inputs(inputs_spec, model, batch_size, image_size_for(task, image_size))
+    probe = (provenance_of(model) or {}).get("probe")
+    golden = GoldenProbe(probe) if probe is not None else None
     fused = fuse(model, inputs[0][:2])
-    candidates = [("fused (PyTorch)", _Half(fused) if fp16 else fused)]
+    candidates = [("fused (PyTorch)", _Half(fused) if fp16 else fused, False)]
     if onnx_path:
         runner = OrtRunner(onnx_path)
         shape = runner.session.get_inputs()[0].shape
-        if isinstance(shape[0], int) and shape[0] != inputs[0].shape[0]:
+        static = isinstance(shape[0], int)
+        if static and shape[0] != inputs[0].shape[0]:
             inputs = [x[i:i + shape[0]] for x in inputs for i in range(0, x.shape[0], shape[0])]
         if isinstance(shape[2], int) and shape[2] != inputs[0].shape[2]:
             raise UsageError(f"{onnx_path} expects {shape[2]}x{shape[3]} inputs, the model "
-                                 f"{inputs[0].shape[2]}x{inputs[0].shape[3]}: pass --image-size")
-        candidates.append(("fused (onnxruntime)", runner))
+                             f"{inputs[0].shape[2]}x{inputs[0].shape[3]}: pass --image-size")
+        candidates.append(("fused (onnxruntime)", runner, static))
+
     reference = run_outputs(model, inputs)     # once, for every candidate
     reports = []
-    for label, cand in candidates:
+    if golden is not None:
+        reports.append(golden.check(model, "unfused (rebuilt)", atol=atol, rtol=rtol))
+    for label, cand, static in candidates:
         label = getattr(cand, "label", label) if fp16 and "onnx" not in label else label
         reports.append(compare(reference, run_outputs(cand, inputs), atol=atol, rtol=rtol,
                                names=["logits"], ref_name="unfused (PyTorch)", cand_name=label))
+        if golden is not None and golden.image_size == inputs[0].shape[-1]:
+            reports.append(golden.check(cand, label, atol=atol, rtol=rtol, per_sample=static))
     ok = all(r.passed for r in reports)
-    emit({"passed": ok, "reports": [r.as_dict() for r in reports]}, as_json,
-         "\n".join(str(r) for r in reports) + f"\n{'PASS' if ok else 'FAIL'}")
+    anchor = anchor_of(model)
+    text = [f"base: {anchor['base']}", f"golden probe: {anchor['probe']}"]
+    text += [str(r) for r in reports]
+    failed = [f"{r.candidate} vs {r.reference}" for r in reports if not r.passed]
+    emit({"passed": ok, "anchor": anchor, "reports": [r.as_dict() for r in reports]}, as_json,
+         "\n".join(text) + f"\n{'PASS' if ok else 'FAIL'}")
     if not ok:
-        raise VerificationError("the deployed model does not match the trained one")
+        raise VerificationError(f"the deployed model does not match the trained one: "
+                                f"{'; '.join(failed)}")
