@@ -37,3 +37,18 @@ def test_ort_runner_reports_the_providers_in_use(tmp_path):
     r = OrtRunner(path)          # everything available: what it got, in priority order
     assert r.providers == r.session.get_providers() and r.providers[-1] == "CPUExecutionProvider"
     assert set(r.providers) <= set(ort.get_available_providers())
+
+
+def test_run_gpu_script_parses_and_names_every_step():
+    """benchmarks/run_gpu.sh runs on a GPU machine only; here: valid bash, the four steps."""
+    import shutil
+    import subprocess
+    script = os.path.join(ROOT, "benchmarks", "run_gpu.sh")
+    if shutil.which("bash"):
+        r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    text = open(script).read()
+    for needle in ('-m pytest -q -m "gpu or tensorrt"', "bench --model vit_base_patch16_224 "
+                   "--batch-size 32 --device cuda", '--out "$RES/gpu_vit_base_b32.json"',
+                   "nvidia-smi", "import tensorrt", "timeout --kill-after"):
+        assert needle in text, needle
