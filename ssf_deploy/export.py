@@ -164,7 +164,11 @@ def read_metadata(proto: onnx.ModelProto) -> dict:
 
 
 class OrtRunner:
-    """Run an ONNX model in onnxruntime as a callable on torch tensors."""
+    """Run an ONNX model in onnxruntime as a callable on torch tensors.
+
+    ``providers`` (attribute) lists the execution providers the session really runs on
+    (``InferenceSession.get_providers()``), whatever was asked for.
+    """
 
     def __init__(self, model, providers=None, initializers: Optional[dict] = None,
                  label: str = "onnxruntime"):
@@ -193,6 +197,9 @@ class OrtRunner:
             raise SSFDeployError(f"onnxruntime cannot load the model: {first_line(e)}") from e
         self.input = self.session.get_inputs()[0].name
         self.label = label
+        # the providers the session actually uses, in priority order: asking for
+        # CUDAExecutionProvider without onnxruntime-gpu silently gives ["CPUExecutionProvider"]
+        self.providers = list(self.session.get_providers())
 
     def __call__(self, x: torch.Tensor):
         arr = x.detach().float().cpu().numpy()

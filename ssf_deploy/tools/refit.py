@@ -45,10 +45,12 @@ def _inputs(settings, batch_size, n, seed=0) -> list:
               help="Random batches compared.")
 @click.option("--batch-size", default=4, show_default=True, type=int,
               help="Batch of the compared inputs (dynamic-batch models).")
-@click.option("--verbose", is_flag=True, help="TensorRT INFO log.")
+@click.option("--device", default="cuda", show_default=True,
+              help="For a .plan: the CUDA device to refit and run on (cuda or cuda:N).")
+@click.option("--verbose", is_flag=True, help="TensorRT INFO log (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt, out, atol, rtol,
-          n_inputs, batch_size, verbose, as_json):
+          n_inputs, batch_size, device, verbose, as_json):
     """Refit a TensorRT engine / ONNX Runtime session with a task pack's fused weights."""
     from .. import engine as E
     from ..refit import check_task_matches, export_settings, load_onnx
@@ -66,21 +68,25 @@ def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt,
     if is_plan:
         if not os.path.isfile(target):
             raise UsageError(f"engine file not found: {target}")
+        E.cuda_device(device)
         onnx_path = E.resolve_onnx_for_plan(target, onnx_opt)
     else:
         if onnx_opt:
             raise UsageError("--onnx is for .plan targets (the .onnx target is the graph)")
         onnx_path = target
     proto = load_onnx(onnx_path)
+    # INT8/FP8: the scales were calibrated on the weights in the file; swapping weights under
+    # them gives a wrong model, whatever a comparison on random inputs says
+    E.refuse_quantized_refit(E.read_sidecar(target) if is_plan else {}, proto, source=target)
     settings = export_settings(proto)
     task = load_task(None, pack)
     if task.method != "ssf":
         raise UsageError(f"the pack holds method '{task.method}'; only ssf refits")
     check_task_matches(proto, task, source=onnx_path)
-    trt = None
+    trt = dev = None
     if is_plan:   # before the heavy work: without TensorRT a .plan cannot be used at all
         trt = E.import_tensorrt()
-        E.require_cuda()
+        dev = E.require_cuda(device)
 
     from ..fuse import fuse
     t0 = time.perf_counter()
@@ -91,7 +97,7 @@ def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt,
     inputs = _inputs(settings, batch_size, n_inputs)
     if is_plan:
         _refit_plan(trt, target, onnx_path, proto, settings, task, model, fused, out, atol, rtol,
-                    inputs, verbose, as_json, prep, pack)
+                    inputs, verbose, as_json, prep, pack, dev)
     else:
         _refit_onnx(onnx_path, proto, model, fused, out, atol, rtol, inputs, as_json, prep, pack)
 
@@ -163,17 +169,18 @@ def _tol(atol, rtol, fp16):
 
 
 def _refit_plan(trt, plan, onnx_path, proto, settings, task, model, fused, out, atol, rtol,
-                inputs, verbose, as_json, prep, pack):
+                inputs, verbose, as_json, prep, pack, dev):
     from .. import engine as E
     from ..export import OrtRunner
     from ..refit import bake_initializers, compute_task_weights, graph_weight_names
     from ..verify import verify
 
     side = E.read_sidecar(plan)
-    atol, rtol = _tol(atol, rtol, bool(side.get("fp16")))
+    prec = E.sidecar_precision(side)
+    atol, rtol = _tol(atol, rtol, prec.name in ("fp16", "tf32"))
     logger = E.make_logger(trt, verbose)
     with open(plan, "rb") as f:
-        engine, runtime = E.deserialize(f.read(), trt, logger)
+        engine, runtime = E.deserialize(f.read(), trt, logger, device=dev)
     state = fused.state_dict()
     holder = {}
 
@@ -188,12 +195,15 @@ def _refit_plan(trt, plan, onnx_path, proto, settings, task, model, fused, out, 
 
     def onnx_fallback():   # TensorRT-internal weight names: let its ONNX refitter map them
         full = compute_task_weights(proto, state, fused)
-        return bake_initializers(proto, full.values).SerializeToString()
+        data = bake_initializers(proto, full.values).SerializeToString()
+        # an engine built from the fp16-converted ONNX (TensorRT 11 --fp16) holds fp16 weights
+        return E.fp16_onnx(data) if prec.fp16_onnx else data
 
     info = E.refit_engine(engine, weights_for, onnx_fallback=onnx_fallback, trt=trt,
-                          logger=logger)
+                          logger=logger, device=dev)
     weights = holder["w"]
-    runner = E.TrtRunner(engine, label="TensorRT (refitted)", runtime=runtime)
+    runner = E.TrtRunner(engine, label=f"TensorRT (refitted, {prec.name})", runtime=runtime,
+                         device=dev)
     b = runner.profile()
     if b and settings["dynamic_batch"]:
         opt = int(b[1][0])
