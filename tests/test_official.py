@@ -12,7 +12,7 @@ torch 2.14, 224 px, 100 classes, every tensor perturbed; /work/official_fixtures
 * Swin PatchMerging and ConvNeXt Downsample get the per-block tuning_mode *list*: the official
   checkpoints of swin_{tiny,small,base}_patch4_window7_224 and convnext_{tiny,base_in22k} have 0 factors
   on downsample layers. Rebuilt from such checkpoints: swin_tiny 6.0e-7 / fused 7.2e-7 / onnxruntime
-  1.2e-6 max abs logit error against the official model.
+  1.2e-6 max abs logit error against the official model (swin_base 8.3e-7 / 1.2e-6 / 1.7e-6).
 * The official ConvNeXt LayerNorm2d normalises a non-contiguous input (the downsample norms: the
   residual stream is channels-last in memory) with torch.var_mean, the UNBIASED variance: ignoring it
   costs 3.3e-3 (convnext_tiny) / 4.8e-3 (convnext_base_in22k) max abs logit error; stem and head norms
@@ -378,7 +378,7 @@ def test_swin_official_checkpoint_rebuilds_and_fuses_the_official_model(tmp_path
     """The official code leaves PatchMerging unscaled: those sites get identity factors (exact).
 
     Measured on the real code at 224 px (swin_tiny/small/base): 0 downsample factors in the checkpoints;
-    rebuilt 6.0e-7..7.5e-7, fused 7.2e-7..1.0e-6, onnxruntime 1.2e-6..1.7e-6 max abs logit error."""
+    rebuilt 6.0e-7..8.3e-7, fused 7.2e-7..1.2e-6, onnxruntime 9.5e-7..1.7e-6 max abs logit error."""
     ref, official = _swin_official(downsample_factors=downsample_factors)
     assert "layers.0.downsample.reduction.weight" in official and "head.weight" in official
     assert any(k.startswith("layers.0.downsample.ssf") for k in official) == downsample_factors
@@ -502,7 +502,7 @@ def test_convnext_official_checkpoint_rebuilds_and_fuses_the_official_model(tmp_
     """No downsample factors, unbiased downsample norms, the top-level factor after the last stage.
 
     Measured on the real code at 224 px: convnext_tiny 6.6e-7 rebuilt / 8.9e-7 fused / 1.0e-6
-    onnxruntime, convnext_base_in22k 7.5e-7 / 1.0e-6 / 1.3e-6 max abs logit error."""
+    onnxruntime, convnext_base_in22k 9.5e-7 / 1.2e-6 / 1.8e-6 max abs logit error."""
     ref, official, seen = _convnext_official(downsample_factors=downsample_factors)
     assert "stem.proj.weight" in official and "ssf_scale_1" in official
     task = _load(tmp_path, _checkpoint("convnext_ssftest", official, 4))
