@@ -542,6 +542,24 @@ def test_convnext_quirks_matter():
         assert (ref(x) - want).abs().max() > 1e-2
 
 
+def test_convnext_trained_channels_last_also_has_an_unbiased_stem_norm(tmp_path):
+    """``train.py --channels-last``: the stem conv's output is not contiguous either, so the stem norm
+    takes the unbiased path too (measured on the real convnext_tiny: 4.4e-3 max abs logit change)."""
+    ref, official, seen = _convnext_official()
+    ckpt = _checkpoint("convnext_ssftest", official, 4)
+    ckpt["args"].channels_last = True
+    task = _load(tmp_path, ckpt)
+    assert task.extra["official_quirks"][1].startswith(
+        "unbiased-variance LayerNorm2d reproduced at stages.1.downsample.0, stages.2.downsample.0, "
+        "stages.3.downsample.0, stem.1")
+    x = _image(64)
+    ref = ref.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = ref(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(build_model(task)(x), want, rtol=1e-4, atol=1e-4)
+    assert ("stem.1", "unbiased") in seen and ("head.norm", "biased") in seen
+
+
 def test_convnext_tiny_top_level_scale_is_refused_naming_the_site(tmp_path):
     _, official, _ = _convnext_official()
     official["ssf_scale_1"] = official["ssf_scale_1"].clone()

@@ -25,7 +25,9 @@ measured against dongzelian/SSF@e94e0e7 on timm 0.6.5 (224 px, 100 classes, ever
   its input is not contiguous - the downsample norms, whose input is the channels-last residual stream
   (max abs logit error 3.3e-3..4.8e-3 if ignored). With k = sqrt((C-1)/C),
   ``LN_unbiased(x) = k * LN(x) + (1-k) * bias`` up to eps (eps/(2*C*var) relative, 7.9e-9 at logits in
-  float64): the site's SSF factors absorb it, the base weights stay as trained (``unbiased``).
+  float64): the site's SSF factors absorb it, the base weights stay as trained (``unbiased``). A run
+  with ``--channels-last`` (recorded in ``args``) also feeds the stem norm a non-contiguous tensor
+  (4.4e-3 if ignored): then the stem norm is corrected too.
 * **A factor after the last ConvNeXt stage.** With pool -> head.norm ordering (every ConvNeXt but
   ``*_hnf``) ``norm_pre`` is Identity and the top-level ``ssf_scale_1/ssf_shift_1`` (s, t) scales the
   last stage's residual output, where ssf-deploy has no site. It folds exactly through that stage's
@@ -113,6 +115,7 @@ class Family:
     absent: tuple = ()      # regexes of our sites the official forward never scales: identity factors
     unbiased: tuple = ()    # regexes of our LayerNorm2d sites the official code normalises with the
                             # UNBIASED variance (its LayerNorm2d on a non-contiguous input)
+    unbiased_channels_last: tuple = ()   # ... and in addition when it ran with --channels-last
     refuse: Optional[Callable[[nn.Module], Optional[str]]] = None   # model -> why not, or None
 
 
@@ -212,6 +215,8 @@ _CONVNEXT = Family(
     # block's permute: the official LayerNorm2d takes torch.var_mean there (the stem norm's input
     # is a contiguous conv output and the head norm's a pooled (N, C, 1, 1): biased, like timm)
     unbiased=(r"stages\.\d+\.downsample\.0",),
+    # model.to(memory_format=channels_last) makes the stem conv's output non-contiguous too
+    unbiased_channels_last=(r"stem\.1",),
     refuse=_head_norm_first,
 )
 
@@ -440,7 +445,8 @@ def _set_factors(state: dict, site: str, scale: torch.Tensor, shift: torch.Tenso
         state[key] = value.to(state[key].dtype)
 
 
-def _correct_unbiased(family: str, state: dict, model: nn.Module, arch: str) -> list:
+def _correct_unbiased(family: str, state: dict, model: nn.Module, arch: str,
+                      channels_last: bool = False) -> list:
     """Make our (biased) LayerNorm2d sites compute the official unbiased-variance norm, in place.
 
     Official: ``(x - m) / sqrt(var_u + eps)`` with ``var_u = var * C / (C-1)``, i.e.
@@ -449,7 +455,8 @@ def _correct_unbiased(family: str, state: dict, model: nn.Module, arch: str) -> 
     activation scales of a ConvNeXt; timm's eps is a constructor argument, not a weight, so it stays).
     The site's SSF (a, b) after it becomes (a k, a (1 - k) bias + b); the base weights stay as trained.
     """
-    patterns = FAMILIES[family].unbiased
+    patterns = FAMILIES[family].unbiased + (FAMILIES[family].unbiased_channels_last
+                                            if channels_last else ())
     done = []
     for site in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".ssf_scale")}):
         if not any(re.fullmatch(p, site) for p in patterns):
@@ -616,7 +623,8 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
     if absent:
         quirks.append(f"identity SSF at {len(absent)} site(s) the official code leaves unscaled: "
                       f"{', '.join(absent)}")
-    unbiased = _correct_unbiased(family, full, model, official_arch)
+    unbiased = _correct_unbiased(family, full, model, official_arch,
+                                 channels_last=bool(args.get("channels_last")))
     if unbiased:
         quirks.append(f"unbiased-variance LayerNorm2d reproduced at {', '.join(unbiased)}")
     for stream, factors in streams.items():
