@@ -554,9 +554,10 @@ def _meta_tensors(module: nn.Module) -> list[tuple[str, str, torch.Tensor, bool]
 def _materialise(base: nn.Module, source: nn.Module, rec: dict) -> None:
     """Give ``base`` (built on the meta device) real values for what its state dict did not hold.
 
-    Taken by name from ``source`` (the tuned model: same architecture, same constructor arguments)
-    when it has a tensor of that shape and dtype there; otherwise from a real, CPU-built instance of
-    the base architecture (built only if needed: it costs a full initialisation)."""
+    Taken by name from ``source`` (the tuned model: same architecture, same constructor arguments,
+    and the values it computes with - also after a ``.half()``) when it has a tensor of that shape
+    there; otherwise from a real, CPU-built instance of the base architecture (built only if
+    needed: it costs a full initialisation)."""
     pending = _meta_tensors(base)
     if not pending:
         return
@@ -572,7 +573,7 @@ def _materialise(base: nn.Module, source: nn.Module, rec: dict) -> None:
                 continue
             cand = owner._buffers.get(attr) if is_buffer else vars(owner).get(attr)
             if isinstance(cand, torch.Tensor) and not cand.is_meta and \
-                    tuple(cand.shape) == tuple(meta.shape) and cand.dtype == meta.dtype:
+                    tuple(cand.shape) == tuple(meta.shape):
                 value = cand
                 break
         if value is None and real is None:

@@ -261,8 +261,8 @@ def test_coat_shared_conv_pos_enc_folds_once():
 # create_base_model records how to build the model again: the fused copy is built on the meta device
 # and loaded with assign=True, which leaves buffers outside the state dict on meta
 NON_PERSISTENT = {
-    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 2), num_heads=(1, 2),
-                                                   window_size=4, img_size=32), 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                                                   window_size=4, img_size=32), 32),   # + attn_mask
     "vit_relpos": ("vit_relpos_small_patch16_224", dict(depth=2, embed_dim=32, num_heads=2,
                                                         img_size=32, patch_size=8), 32),
     "eva02": ("eva02_tiny_patch14_224", dict(depth=2, embed_dim=32, num_heads=2, img_size=28), 28),
@@ -289,6 +289,18 @@ def test_non_persistent_buffers_of_created_models_are_real(family):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_non_persistent_buffers_follow_a_half_precision_model():
+    arch, kwargs, _ = NON_PERSISTENT["swin"]
+    model = sd.create_base_model(arch, 5, **kwargs)
+    sd.apply_method(model, "ssf", init_std=0.3)
+    model = model.half().eval()
+    fused = fuse(model)
+    source = dict(model.named_buffers())
+    for name, buf in fused.named_buffers():
+        assert not buf.is_meta and buf.dtype == source[name].dtype and torch.equal(buf, source[name])
+    assert any(buf.dtype == torch.float16 for buf in source.values())   # attn_mask
 
 
 def test_non_persistent_buffers_missing_from_the_source_come_from_a_real_build():
