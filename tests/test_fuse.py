@@ -368,8 +368,7 @@ def test_plain_methods_fuse_to_themselves():
 
 @pytest.mark.parametrize("arch,size", [("vit_small_patch16_224", 224), ("resnet18", 64),
                                        ("convnext_atto", 64), ("efficientnet_b0", 64),
-                                       ("deit_tiny_patch16_224", 224), ("mixer_s32_224", 224),
-                                       ("swin_tiny_patch4_window7_224", 224)])
+                                       ("deit_tiny_patch16_224", 224), ("mixer_s32_224", 224)])
 def test_fuse_sweep_real_timm_architectures(arch, size):
     model = pretrained_like(sd.create_base_model(arch, 10))
     sd.apply_method(model, "ssf", init_std=0.2)
