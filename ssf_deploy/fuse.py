@@ -12,9 +12,13 @@ pass prefers, in this order, whatever keeps the deployed graph identical to the 
 3. fold back and give the producer the bias/affine it lacks — reported, since the base graph then
    gains a node.
 
+A module called several times (timm's CoaT shares one ConvPosEnc between serial blocks) runs its
+SSF hook on every call: when every call of the shared weights carries the same factors they fold
+into them once; calls that would need different folds are refused with the module named.
+
 Anything else (a non-linear producer whose consumers cannot absorb the factors, a producer
-output that another op also reads, shared weights) is refused with the module named: a fused
-model is exact or it is not returned. The maths runs in float64 and is cast back.
+output that another op also reads) is refused with the module named: a fused model is exact or it
+is not returned. The maths runs in float64 and is cast back.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class Fold:
     how: str             # "producer", "consumer" or "producer+new"
     targets: list        # modules whose weights absorbed it
     op: str              # producer op
+    calls: int = 1       # calls of a shared producer folded at once (same factors on every call)
 
 
 @dataclass
@@ -154,12 +159,14 @@ class _Graph:
         sig = ep.graph_signature
         self.names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self.uses: dict[str, int] = {}
+        self.users: dict[str, list] = {}   # fq name -> the call_function nodes reading it
         for n in ep.graph.nodes:
             if n.op == "call_function":
                 for a in n.args:
                     if isinstance(a, torch.fx.Node) and a.name in self.names:
                         fq = self.names[a.name]
                         self.uses[fq] = self.uses.get(fq, 0) + 1
+                        self.users.setdefault(fq, []).append(n)
 
     def name(self, arg) -> Optional[str]:
         return self.names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
@@ -255,6 +262,12 @@ class _Folder:
         self.g = _Graph(ep)
         self.work: dict[str, torch.Tensor] = {}
         self.dtypes = {k: v.dtype for k, v in state.items()}
+        # tied tensors (one Parameter under several names): the trace names one, all must follow
+        groups: dict = {}
+        for k, v in state.items():
+            if v.numel():
+                groups.setdefault((v.data_ptr(), v.dtype, tuple(v.shape), v.stride()), []).append(k)
+        self.aliases = {k: g for g in groups.values() if len(g) > 1 for k in g}
 
     def get(self, name: Optional[str]):
         if name is None:
@@ -288,10 +301,10 @@ class _Folder:
         owner = _module_of(prod)
         return kind, w_name, b_name, owner, shared
 
-    def fold_back(self, site, prod, gamma, beta, *, allow_new: bool):
+    def fold_back(self, site, prod, gamma, beta, *, allow_new: bool, calls: int = 1):
         kind, w_name, b_name, owner, shared = self.producer_params(prod)
-        if shared:
-            return False
+        if shared and calls == 1:
+            return False   # shared weights: only with every call's factors checked (shared_calls)
         needs_bias = beta is not None and b_name is None
         needs_weight = w_name is None and not bool((gamma == 1).all())
         if (needs_bias or needs_weight) and not allow_new:
@@ -313,6 +326,38 @@ class _Folder:
                 self.put(prefix + "bias", b2, like=w_name,
                          reason=f"{owner} had no bias to take the SSF shift of {site}")
         return True
+
+    def shared_calls(self, prod, ssf_of: dict):
+        """(calls, None) when ``prod``'s weights are shared by several calls that all carry the same
+        SSF factors (fold once), (None, why) when they are shared otherwise, (None, None) if unshared.
+        """
+        kind, w_name, b_name, owner, shared = self.producer_params(prod)
+        if not shared:
+            return None, None
+        _, wi, bi, _ = _PRODUCERS[prod.target]
+        calls = []
+        for name in (w_name, b_name):
+            for n in self.g.users.get(name, []) if name else []:
+                if n not in calls:
+                    calls.append(n)
+        mine = (w_name, b_name)
+        site = _module_of(prod)
+        for c in calls:
+            if c.target is not prod.target or \
+                    (self.g.name(_arg(c, wi)), self.g.name(_arg(c, bi))) != mine:
+                return None, (f"its producer {site}'s weights are also read by "
+                              f"{str(c.target).replace('aten.', '')} in {_module_of(c)}")
+        first = None
+        for c in calls:
+            node = ssf_of.get(c)
+            factors = self.factors(node)[1:] if node is not None else None
+            if factors is None or (first is not None and not _same_factors(first, factors)):
+                return None, (f"its producer {site} is called {len(calls)} times and the calls "
+                              f"would need different folds (SSF on "
+                              f"{sum(ssf_of.get(x) is not None for x in calls)} of them"
+                              f"{'' if factors is None else ', with different factors'})")
+            first = first or factors
+        return [ssf_of[c] for c in calls], None
 
     # ---- consumer side
     def consumers_accept(self, node, beta_present: bool) -> bool:
@@ -349,7 +394,9 @@ class _Folder:
     def finish(self) -> dict:
         out = dict(self.state)
         for k, v in self.work.items():
-            out[k] = v.to(self.dtypes.get(k, torch.float32))
+            v = v.to(self.dtypes.get(k, torch.float32))
+            for name in self.aliases.get(k, [k]):
+                out[name] = v
         return out
 
 
@@ -408,30 +455,48 @@ _CONSUMERS = {
 }
 
 
+def _same_factors(a, b) -> bool:
+    """Two (gamma, beta) pairs that fold identically (beta None = zero shift)."""
+    (ga, ba), (gb, bb) = a, b
+    ba = ba if ba is not None else torch.zeros_like(ga)
+    bb = bb if bb is not None else torch.zeros_like(gb)
+    return ga.shape == gb.shape and torch.equal(ga, gb) and torch.equal(ba, bb)
+
+
 def _fold(model, state, example, report: FuseReport) -> dict:
     ep = _trace(model, example)
     folder = _Folder(state, ep, report)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is _SSF]
+    producers = {node: _walk_back(node.args[0], node.args[3])[0] for node in nodes}
+    ssf_of = {prod: node for node, prod in producers.items() if prod is not None}
+    done = set()
     for node in nodes:
+        if node in done:
+            continue
         site, gamma, beta = folder.factors(node)
-        prod, _ = _walk_back(node.args[0], node.args[3])
+        prod = producers[node]
         op = str(prod.target).replace("aten.", "") if prod is not None else \
             str(getattr(node.args[0], "target", node.args[0]))
         has_beta = beta is not None and bool(beta.abs().max() > 0)
         beta = beta if has_beta else None
-        if prod is not None and folder.fold_back(site, prod, gamma, beta, allow_new=False):
-            report.folds.append(Fold(site, "producer", [_module_of(prod)], op))
+        calls, why_shared = folder.shared_calls(prod, ssf_of) if prod is not None else (None, None)
+        n_calls = len(calls) if calls else 1
+        if prod is not None and not why_shared and \
+                folder.fold_back(site, prod, gamma, beta, allow_new=False, calls=n_calls):
+            report.folds.append(Fold(site, "producer", [_module_of(prod)], op, n_calls))
+            done.update(calls or ())
         elif folder.consumers_accept(node, has_beta):
             targets = folder.fold_forward(node, gamma, beta)
             report.folds.append(Fold(site, "consumer", targets, op))
-        elif prod is not None and folder.fold_back(site, prod, gamma, beta, allow_new=True):
-            report.folds.append(Fold(site, "producer+new", [_module_of(prod)], op))
+        elif prod is not None and not why_shared and \
+                folder.fold_back(site, prod, gamma, beta, allow_new=True, calls=n_calls):
+            report.folds.append(Fold(site, "producer+new", [_module_of(prod)], op, n_calls))
+            done.update(calls or ())
         else:
-            why = ("its producer '" + op + "' is not a linear op it can fold into"
-                   if prod is None else "its producer's weights are shared with another call")
+            why = why_shared or ("its producer '" + op + "' is not a linear op it can fold into")
             raise FuseError(f"cannot fuse SSF at '{site}' exactly: {why}, and its consumers "
-                                 f"cannot absorb it (only Linear, unpadded Conv and eval "
-                                 f"BatchNorm can)")
+                            f"cannot absorb it (only Linear, unpadded Conv and eval "
+                            f"BatchNorm can)")
     return folder.finish()
 
 
@@ -462,6 +527,67 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
         raise FuseError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
                              f"base expects {tuple(base.state_dict()[bad[0]].shape)}")
     base.load_state_dict(state, strict=True, assign=True)
+    if rec is not None:
+        _materialise(base, model, rec)
     for p in base.parameters():
         p.requires_grad_(False)
     return base
+
+
+def _meta_tensors(module: nn.Module) -> list[tuple[str, str, torch.Tensor, bool]]:
+    """(module name, attribute, tensor, is buffer) for everything still on the meta device.
+
+    After ``load_state_dict(assign=True)`` that is what the state dict does not hold: non-persistent
+    buffers (Swin's ``relative_position_index`` / ``attn_mask``, rotary tables...) and the odd plain
+    tensor attribute."""
+    out = []
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for attr, buf in mod._buffers.items():
+            if buf is not None and buf.is_meta:
+                out.append((mod_name, attr, buf, True))
+        for attr, val in vars(mod).items():
+            if isinstance(val, torch.Tensor) and not isinstance(val, nn.Parameter) and val.is_meta:
+                out.append((mod_name, attr, val, False))
+    return out
+
+
+def _materialise(base: nn.Module, source: nn.Module, rec: dict) -> None:
+    """Give ``base`` (built on the meta device) real values for what its state dict did not hold.
+
+    Taken by name from ``source`` (the tuned model: same architecture, same constructor arguments,
+    and the values it computes with - also after a ``.half()``) when it has a tensor of that shape
+    there; otherwise from a real, CPU-built instance of the base architecture (built only if
+    needed: it costs a full initialisation)."""
+    pending = _meta_tensors(base)
+    if not pending:
+        return
+    real = None
+    for mod_name, attr, meta, is_buffer in pending:
+        value = None
+        for ref in (source, real):
+            if ref is None:
+                continue
+            try:
+                owner = ref.get_submodule(mod_name) if mod_name else ref
+            except AttributeError:
+                continue
+            cand = owner._buffers.get(attr) if is_buffer else vars(owner).get(attr)
+            if isinstance(cand, torch.Tensor) and not cand.is_meta and \
+                    tuple(cand.shape) == tuple(meta.shape):
+                value = cand
+                break
+        if value is None and real is None:
+            import timm
+            real = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
+            owner = real.get_submodule(mod_name) if mod_name else real
+            value = owner._buffers.get(attr) if is_buffer else vars(owner).get(attr)
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            raise FuseError(f"cannot materialise {mod_name + '.' if mod_name else ''}{attr} of the "
+                            f"fused {rec['arch']}: it is not in the state dict and neither the tuned "
+                            f"model nor a fresh {rec['arch']} has it")
+        owner = base.get_submodule(mod_name) if mod_name else base
+        value = value.detach().to("cpu", copy=True)
+        if is_buffer:
+            owner._buffers[attr] = value   # keeps its persistent flag: only the value was missing
+        else:
+            setattr(owner, attr, value)

@@ -193,9 +193,128 @@ class _Shared(nn.Module):
         return y + self.fc(x)
 
 
-def test_shared_weights_are_refused():
-    with pytest.raises(sd.SSFDeployError, match="cannot fuse SSF at 'fc'"):
+def test_shared_module_whose_calls_need_different_folds_is_refused():
+    """Only one of fc's two calls carries the SSF: folding it into fc would change the other call."""
+    with pytest.raises(sd.SSFDeployError, match=r"cannot fuse SSF at 'fc'.*fc is called 2 times "
+                                                r"and the calls would need different folds"):
         fuse(_Shared().eval(), torch.randn(2, 8))
+
+
+class _SharedHook(nn.Module):
+    """One Linear called at three depths, its SSF a hook: every call carries the same factors."""
+
+    def __init__(self, tied_factors=True):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.other = nn.Linear(8, 8)
+        self.other.weight = self.fc.weight   # tied weights, a second module: needs equal factors too
+        self.other.bias = self.fc.bias
+        self.tied_factors = tied_factors
+
+    def forward(self, x):
+        x = x + torch.tanh(self.fc(x))
+        x = x + torch.tanh(self.fc(x))
+        return x + torch.tanh(self.other(x))
+
+
+def _ssf_hook(module, scale, shift):
+    add_params(module, "ssf_scale", nn.Parameter(scale))
+    add_params(module, "ssf_shift", nn.Parameter(shift))
+    module.register_forward_hook(lambda m, i, y: scale_shift(y, m.ssf_scale, m.ssf_shift, -1)
+                                 if hasattr(m, "ssf_scale") else y)
+
+
+def test_shared_module_with_the_same_ssf_on_every_call_folds_once():
+    m = _SharedHook()
+    g = torch.Generator().manual_seed(0)
+    scale, shift = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    _ssf_hook(m.fc, scale, shift)
+    _ssf_hook(m.other, scale.clone(), shift.clone())   # equal values on the tied module's calls
+    report = _check(m, torch.randn(4, 8))
+    assert [(f.site, f.how, f.calls) for f in report.folds] == [("fc", "producer", 3)]
+    assert not report.added and report.keys_match_base
+
+
+def test_tied_weights_with_different_factors_are_refused():
+    m = _SharedHook()
+    _ssf_hook(m.fc, torch.rand(8) + 0.5, torch.randn(8))
+    _ssf_hook(m.other, torch.rand(8) + 0.5, torch.randn(8))
+    with pytest.raises(sd.SSFDeployError, match=r"cannot fuse SSF at '(fc|other)'.*called 3 times.*"
+                                                r"different factors"):
+        fuse(m.eval(), torch.randn(4, 8))
+
+
+def test_coat_shared_conv_pos_enc_folds_once():
+    """coat_lite_tiny: one ConvPosEnc (and ConvRelPosEnc) per stage, called by every serial block."""
+    model = pretrained_like(sd.create_base_model("coat_lite_tiny", 5, img_size=32))
+    sd.apply_method(model, "ssf", init_std=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    report = _check(model, x)
+    shared = [f for f in report.folds if f.calls > 1]
+    assert shared and all(f.how == "producer" and f.calls == 2 for f in shared)
+    assert any(f.site.endswith("cpe.proj") for f in shared)
+    assert report.keys_match_base and not report.added
+
+
+# ------------------------------------------------------------------ non-persistent buffers
+
+# create_base_model records how to build the model again: the fused copy is built on the meta device
+# and loaded with assign=True, which leaves buffers outside the state dict on meta
+NON_PERSISTENT = {
+    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                                                   window_size=4, img_size=32), 32),   # + attn_mask
+    "vit_relpos": ("vit_relpos_small_patch16_224", dict(depth=2, embed_dim=32, num_heads=2,
+                                                        img_size=32, patch_size=8), 32),
+    "eva02": ("eva02_tiny_patch14_224", dict(depth=2, embed_dim=32, num_heads=2, img_size=28), 28),
+    "beit": ("beit_base_patch16_224", dict(depth=2, embed_dim=32, num_heads=2, img_size=32,
+                                           patch_size=8), 32),
+}
+
+
+@pytest.mark.parametrize("family", list(NON_PERSISTENT))
+def test_non_persistent_buffers_of_created_models_are_real(family):
+    arch, kwargs, size = NON_PERSISTENT[family]
+    model = pretrained_like(sd.create_base_model(arch, 5, **kwargs))
+    persistent = set(model.state_dict())
+    non_persistent = {n for n, _ in model.named_buffers() if n not in persistent}
+    assert non_persistent, "the test needs a model with non-persistent buffers"
+    sd.apply_method(model, "ssf", init_std=0.3)
+    model.eval()
+    fused, report = fuse_with_report(model)
+    buffers = dict(fused.named_buffers())
+    assert not any(b.is_meta for b in buffers.values())
+    source = dict(model.named_buffers())
+    assert all(torch.equal(buffers[n], source[n]) for n in non_persistent)
+    assert set(fused.state_dict()) == persistent   # still non-persistent
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_non_persistent_buffers_follow_a_half_precision_model():
+    arch, kwargs, _ = NON_PERSISTENT["swin"]
+    model = sd.create_base_model(arch, 5, **kwargs)
+    sd.apply_method(model, "ssf", init_std=0.3)
+    model = model.half().eval()
+    fused = fuse(model)
+    source = dict(model.named_buffers())
+    for name, buf in fused.named_buffers():
+        assert not buf.is_meta and buf.dtype == source[name].dtype and torch.equal(buf, source[name])
+    assert any(buf.dtype == torch.float16 for buf in source.values())   # attn_mask
+
+
+def test_non_persistent_buffers_missing_from_the_source_come_from_a_real_build():
+    from ssf_deploy.fuse import _materialise  # noqa: PLC2701
+    arch, kwargs, _ = NON_PERSISTENT["swin"]
+    rec = {"arch": arch, "num_classes": 5, "kwargs": kwargs}
+    import timm
+    with torch.device("meta"):
+        base = timm.create_model(arch, num_classes=5, **kwargs)
+    _materialise(base, nn.Module(), rec)   # a source without any of those buffers
+    real = timm.create_model(arch, num_classes=5, **kwargs)
+    for name, buf in real.named_buffers():
+        if name not in real.state_dict():
+            assert torch.equal(dict(base.named_buffers())[name], buf)
 
 
 class _NoAffine(nn.Module):
