@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .errors import SSFDeployError
+from .errors import SSFDeployError, first_line
 
 __all__ = ["BUILTIN_CLASSES", "builtin_dataset", "default_cache_dir", "inspect_data_dir",
            "make_loaders", "Loaders", "is_builtin_dir"]
@@ -278,7 +278,7 @@ def make_loaders(data_dir: str, *, image_size: int, batch_size: int, workers: in
         val_ds = create_dataset("", root=os.path.join(data_dir, "val"), class_map=class_map,
                                 transform=val_tf)
     except RuntimeError as e:   # timm: "Found 0 images in subfolders of ..."
-        raise SSFDeployError(str(e).splitlines()[0]) from None
+        raise SSFDeployError(first_line(e)) from None
 
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)

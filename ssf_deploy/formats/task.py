@@ -5,13 +5,14 @@ is the one place that turns it back into a model.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
-from ..models import create_base_model
+from ..models import create_base_model, creation_record
 from ..tuners import apply_method, load_trainable_state
 from .provenance import check_base, describe_base
 
@@ -113,6 +114,10 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
             raise CheckpointError(f"checkpoint does not match {arch}: missing "
                                   f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         base_check = {"status": "complete", "note": "the file holds every tensor of the model"}
+        rec = creation_record(model)
+        if rec is not None:   # the base of a pack written from it is this file, not a random init
+            rec.update(source=f"{task.source}:{os.path.basename(task.path) or '?'}",
+                       init_seed=None)
     else:
         what = f"the base weights {base_weights}" if base_weights else \
             ("the timm hub weights" if pretrained else "the rebuilt random-init base")
