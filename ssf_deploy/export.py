@@ -36,7 +36,7 @@ META_INIT = "ssf_deploy.initializers"
 def export_proto(model: nn.Module, *, example: Optional[torch.Tensor] = None,
                  image_size: Optional[int] = None, batch_size: int = 1,
                  opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
-                 simplify: bool = True) -> onnx.ModelProto:
+                 simplify: bool = True, check: bool = True) -> onnx.ModelProto:
     """Export ``model`` as it runs in eval mode, in fp32; return the checked, simplified graph.
 
     The caller's model is left as it was (its train/eval mode and dtype are restored or, for a
@@ -51,9 +51,12 @@ def export_proto(model: nn.Module, *, example: Optional[torch.Tensor] = None,
     was_training = model.training
     model.eval()
     try:
-        return _export(model, example, opset, dynamic_batch, simplify)
+        proto = _export(model, example, opset, dynamic_batch, simplify)
     finally:
         model.train(was_training)
+    if check:
+        _check(proto, "simplified" if simplify else "exported")
+    return proto
 
 
 def _export(model, example, opset, dynamic_batch, simplify) -> onnx.ModelProto:
@@ -69,14 +72,18 @@ def _export(model, example, opset, dynamic_batch, simplify) -> onnx.ModelProto:
     except Exception as e:
         raise SSFDeployError(f"ONNX export of {type(model).__name__} failed: {first_line(e)}") from e
     proto = onnx.load_from_string(buf.getvalue())
-    _check(proto, "exported")
     if simplify:
-        proto = _simplify(proto)
-        _check(proto, "simplified")
+        try:
+            proto = _simplify(proto)
+        except SSFDeployError:
+            _check(proto, "exported")   # a broken export explains itself better than onnxsim
+            raise
     return proto
 
 
-def _check(proto: onnx.ModelProto, stage: str) -> None:
+def _check(proto, stage: str) -> None:
+    """``onnx.checker`` (full check, shape inference included) on a ModelProto or a file path;
+    once, on the final model (a path is cheaper: no re-serialisation)."""
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
@@ -107,26 +114,37 @@ def graph_stats(proto: onnx.ModelProto) -> dict:
                                                      onnx.TensorProto.FLOAT16)))}
 
 
+def _fingerprint(a: np.ndarray) -> int:
+    """Cheap, exact, order-free summary (the integer sum of the float32 bit patterns), the same
+    for a weight and its transpose: only equal fingerprints are compared in full."""
+    return int(np.ascontiguousarray(a, dtype=np.float32).view(np.int32).sum(dtype=np.int64))
+
+
 def initializer_map(proto: onnx.ModelProto, state: dict) -> dict:
     """ONNX initializer name -> (state key, "same" | "transpose"), matched by value.
 
     Names alone are not enough: the exporter renames folded weights (``onnx::MatMul_123`` is a
     transposed Linear weight). Initializers derived from several tensors (BatchNorm folded into a
-    Conv) stay unmapped; ``refit`` recomputes those through the exporter.
+    Conv) stay unmapped; ``refit`` recomputes those through the exporter. Candidates are found by
+    shape and a fingerprint, then compared exactly (one pass over the weights, not one per pair).
     """
-    by_shape: dict[tuple, list] = collections.defaultdict(list)
+    index: dict[tuple, list] = collections.defaultdict(list)
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1:
             a = v.detach().float().cpu().numpy()
-            by_shape[a.shape].append((k, "same", a))
+            fp = _fingerprint(a)
+            index[(a.shape, fp)].append((k, "same", a))
             if a.ndim == 2:
-                by_shape[a.T.shape].append((k, "transpose", a.T))
+                index[(a.T.shape, fp)].append((k, "transpose", a.T))
     out = {}
     for init in proto.graph.initializer:
         if init.data_type != onnx.TensorProto.FLOAT:
             continue
         arr = onnx.numpy_helper.to_array(init)
-        hits = [(k, how) for k, how, a in by_shape.get(arr.shape, []) if np.array_equal(a, arr)]
+        if arr.size <= 1:
+            continue
+        cands = index.get((arr.shape, _fingerprint(arr)), [])
+        hits = [(k, how) for k, how, a in cands if np.array_equal(a, arr)]
         named = [h for h in hits if h[0] == init.name]
         if named:
             out[init.name] = named[0]
@@ -141,7 +159,7 @@ def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] 
                 metadata: Optional[dict] = None) -> dict:
     """Export, check, simplify and atomically write ``path``; returns graph statistics."""
     proto = export_proto(model, example=example, image_size=image_size, batch_size=batch_size,
-                       opset=opset, dynamic_batch=dynamic_batch, simplify=simplify)
+                         opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, check=False)
     state = model.state_dict()
     meta = {META_INIT: json.dumps(initializer_map(proto, state)),
             "ssf_deploy.export": json.dumps({"opset": opset, "dynamic_batch": dynamic_batch,
@@ -153,6 +171,7 @@ def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] 
         entry.key, entry.value = k, v
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
+        _check(tmp, "simplified" if simplify else "exported")
     info = graph_stats(proto)
     info.update(path=os.fspath(path), opset=opset, simplified=simplify,
                 dynamic_batch=dynamic_batch)

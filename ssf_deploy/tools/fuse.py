@@ -29,8 +29,8 @@ from ._common import (base_options, emit, image_size_for, load_task, make_inputs
               help="Also write the task pack (SSF factors + head, .safetensors).")
 @click.option("--atol", default=DEFAULT_ATOL, show_default=True, type=float)
 @click.option("--rtol", default=DEFAULT_RTOL, show_default=True, type=float)
-@click.option("--inputs", "inputs_spec", default="2", show_default=True,
-              help="N random batches, or a folder of images.")
+@click.option("--inputs", "inputs_spec", default="1", show_default=True,
+              help="N random batches, or a folder of images (the golden probe is checked too).")
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--image-size", type=int,
               help="Input resolution (default: the one the task was trained at).")
