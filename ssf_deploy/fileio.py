@@ -460,11 +460,9 @@ class OutputSet:
         """Remove every temp file (and folders this set created that are still empty)."""
         for m in self._members:
             _shown.pop(m.tmp, None)
-            for p in (m.tmp, m.tmp + ".data"):
+            for p in (m.tmp, m.tmp + ".data"):   # .data: an ONNX writer's external data
                 try:
                     os.unlink(p)
-                except FileNotFoundError:
-                    pass
                 except OSError:
                     pass
         for d in reversed(self._made_dirs):
@@ -525,8 +523,9 @@ class OutputSet:
         for f in folders:
             _fsync(f, directory=True)
         self._made_dirs = []
-        if with_manifest:
-            self._write_manifests(recorded[0], entries, folders)
+        if with_manifest:   # next to every listed member, so each one's reader finds it
+            self._write_manifests(recorded[0], entries,
+                                  sorted({os.path.dirname(m.full) for m in recorded}))
 
     def _retire(self, keep: set) -> None:
         """Remove other manifests that list a file this set replaces: that set is broken up on

@@ -484,13 +484,21 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
 
 
 def _checkpoint_bytes(run: _Run) -> int:
-    """The size of the next checkpoint (serialized, not written), plus AdamW's two moments per
-    trainable parameter when no step has made them yet."""
-    size = serialized_size(_checkpoint(run, run.start))
+    """The size of the next checkpoint, serialized into a byte counter (nothing is written).
+
+    Before the first step the optimizer holds no state yet: AdamW's (a step and two moments per
+    parameter) is stood in for by one-element tensors, whose missing bytes are added; the count
+    is then right to within the zip alignment of each record."""
+    ck = _checkpoint(run, run.start)
+    missing = 0
     if not run.optimizer.state:
-        size += sum(2 * p.numel() * p.element_size() for p in run.model.parameters()
-                    if p.requires_grad)
-    return size
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        ck["optimizer"]["state"] = {
+            i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(1, dtype=p.dtype),
+                "exp_avg_sq": torch.zeros(1, dtype=p.dtype)}
+            for i, p in enumerate(params) if p.requires_grad}
+        missing = sum(2 * (p.numel() - 1) * p.element_size() for p in params if p.requires_grad)
+    return serialized_size(ck) + missing
 
 
 def _is_number(v) -> bool:

@@ -573,6 +573,23 @@ def test_manifest_rules(tmp_path):
     with atomic_path(c) as tmp:                               # one file: no manifest
         open(tmp, "wb").close()
     assert _names(tmp_path) == ["a.bin", "a.bin.manifest.json", "b.bin", "c.bin"]
+    # members in two folders: a manifest next to each, naming the others relative to it
+    d, e = str(tmp_path / "x" / "d.onnx"), str(tmp_path / "y" / "e.safetensors")
+    with OutputSet() as outs:
+        for p in (d, e):
+            with open(outs.add(p), "wb") as f:
+                f.write(b"member")
+        with open(outs.add(str(tmp_path / "z" / "cache.bin"), record=False), "wb") as f:
+            f.write(b"cache")
+    with open(str(tmp_path / "y" / "d.onnx.manifest.json")) as f:
+        assert sorted(json.load(f)["files"]) == [os.path.join("..", "x", "d.onnx"),
+                                                 "e.safetensors"]
+    assert _names(tmp_path / "x") == ["d.onnx", "d.onnx.manifest.json"]
+    assert _names(tmp_path / "z") == ["cache.bin"]
+    with open(e, "ab") as f:
+        f.write(b"!")
+    with pytest.raises(CheckpointError, match="e.safetensors is not the file recorded"):
+        check_manifest(e)
 
 
 def test_engine_plan_and_sidecar_are_one_set(tmp_path):
