@@ -239,7 +239,7 @@ def _free_bytes(folder: str) -> Optional[int]:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n:,} bytes"
+    return f"{n / 1e6:,.1f} MB" if n >= 1e7 else f"{n:,} bytes"
 
 
 def check_writable(*paths: Optional[str], need: Optional[dict] = None) -> None:
