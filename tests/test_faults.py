@@ -377,6 +377,15 @@ def test_check_writable_refuses_folders_files_in_the_way_and_twice_the_same_outp
     assert sorted(os.listdir(tmp_path)) == ["d", "f"]       # the probe creates nothing
 
 
+def test_builtin_dataset_in_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    from ssf_deploy.data import builtin_dataset
+    read_only(monkeypatch, str(tmp_path))
+    root = str(tmp_path / "cache" / "builtin")
+    with pytest.raises(OutputError, match=f"^no permission to write {root}$"):
+        builtin_dataset(root, size=32, train_per_class=1, val_per_class=1)
+    assert _names(tmp_path) == []
+
+
 def test_permission_error_while_writing_names_the_output_not_the_temp_file(tmp_path,
                                                                           monkeypatch):
     real_replace = os.replace
