@@ -5,8 +5,19 @@ checked in CI by import-linter, see ``pyproject.toml``)::
 
     errors -> fileio -> layers, models, data -> tuners -> formats -> fuse -> verify, train
       -> export -> engine, quantize, refit -> deploy, bench -> tools (the CLI)
+
+Everything is imported eagerly (``ssf_deploy.fuse`` is the function, never the submodule), which
+takes seconds; when this import is ``python -m ssf_deploy ...`` starting the CLI, a Ctrl-C in
+that time is one line and exit 130 (:mod:`ssf_deploy_launcher`), not a traceback from torch.
 """
-from .deploy import DeployReport, deploy
+try:
+    import ssf_deploy_launcher as _launcher
+except ImportError:   # the package copied without its launcher: plain Python behaviour
+    _launcher = None
+if _launcher is not None and _launcher.cli_module_being_run():
+    _launcher.guard()   # released by the launcher's main() once the CLI is imported
+
+from .deploy import DeployReport, deploy  # noqa: E402
 from .errors import (BaseMismatchError, CheckpointError, FuseError, SSFDeployError, UsageError,
                      VerificationError)
 from .formats import Task, build_model, read_task

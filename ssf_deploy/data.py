@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .errors import SSFDeployError, first_line
+from .errors import OutputError, SSFDeployError, describe_os_error, first_line
 
 __all__ = ["BUILTIN_CLASSES", "builtin_dataset", "default_cache_dir", "inspect_data_dir",
            "make_loaders", "Loaders", "is_builtin_dir"]
@@ -148,8 +148,11 @@ def builtin_dataset(root: Optional[str] = None, *, size: int = 32, train_per_cla
         raise SSFDeployError("built-in dataset needs size >= 8 and at least one image per class")
 
     parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-builtin-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-builtin-", dir=parent)
+    except OSError as e:   # one line naming the dataset folder, not a temp name
+        raise OutputError(describe_os_error(e, root)) from None
     try:
         for split, n, split_id in (("train", train_per_class, 0), ("val", val_per_class, 1)):
             for ci, cls in enumerate(BUILTIN_CLASSES):
@@ -173,6 +176,9 @@ def builtin_dataset(root: Optional[str] = None, *, size: int = 32, train_per_cla
             shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(describe_os_error(e, root)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import UsageError, VerificationError
-from .fileio import atomic_path, save_safetensors
+from .errors import OutputError, UsageError, VerificationError
+from .fileio import OutputSet, atomic_path, check_writable, manifest_path, save_safetensors
 from .formats.provenance import checked_probe_inputs
 from .formats.task import provenance_of
 from .fuse import FuseReport, fuse_with_report
@@ -165,8 +165,8 @@ def graph_stats_cached(key: dict, make: Callable[[], dict]) -> tuple[dict, bool]
     try:
         with atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(stats, f)
-    except OSError:
-        pass   # a read-only home: no cache, same answer
+    except (OSError, OutputError):
+        pass   # a read-only home or a full disk: no cache, same answer
     return stats, False
 
 
@@ -186,6 +186,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     from .export import OrtRunner, export_onnx, export_proto, graph_stats
     from .tuners import unload
 
+    check_writable(out, save_weights, save_pack)    # before the work, not after it
     model = model.eval()
     inputs = list(inputs)
     report = DeployReport(fuse=FuseReport(), anchor=anchor_of(model))
@@ -227,10 +228,11 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
             fail("the fused PyTorch model does not match the unfused model")
         golden_check(fused, "fused (PyTorch)")
 
-    # every output is a temp file renamed only when the whole block succeeds (atomic_path)
-    with contextlib.ExitStack() as outs:
+    # every output is a temp file; all are renamed, then their manifest written, only when the
+    # whole block succeeded (OutputSet): never a mix of this run's files and an earlier run's
+    with OutputSet() as outs:
         if out:
-            tmp = outs.enter_context(atomic_path(out))
+            tmp = outs.add(out)
             example = inputs[0][:1]
             with _stage(report, "export", progress):
                 info = export_onnx(fused, tmp, example=example, opset=opset,
@@ -274,13 +276,15 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                 fail("the fused ONNX graph differs from the base export")
             report.written["onnx"] = out
         if save_weights:
-            tmp = outs.enter_context(atomic_path(save_weights))
+            tmp = outs.add(save_weights)
             save_safetensors(fused.state_dict(), tmp)
             report.written["weights"] = save_weights
         if save_pack:
             from .formats.pack import save_pack as write_pack
-            tmp = outs.enter_context(atomic_path(save_pack))
+            tmp = outs.add(save_pack)
             size = write_pack(model, tmp, **(pack_info or {}))
             report.written["pack"] = save_pack
             report.notes.append(f"task pack: {size / 1e6:.2f} MB")
+    if len(report.written) > 1:
+        report.written["manifest"] = manifest_path(next(iter(report.written.values())))
     return report

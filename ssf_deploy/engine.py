@@ -63,7 +63,7 @@ import onnx
 import torch
 
 from .errors import SSFDeployError, UsageError, first_line
-from .fileio import atomic_path
+from .fileio import OutputSet, check_manifest
 
 __all__ = ["TRT_MISSING", "import_tensorrt", "trt_version", "require_cuda", "cuda_device",
            "make_logger", "BuildOptions", "Precision", "qdq_info", "check_precision_request",
@@ -1038,6 +1038,7 @@ def read_sidecar(plan: str) -> dict:
     path = sidecar_path(plan)
     if not os.path.isfile(path):
         return {}
+    check_manifest(path)     # a sidecar of another build next to this engine is refused
     try:
         with open(path) as f:
             data = json.load(f)
@@ -1047,11 +1048,12 @@ def read_sidecar(plan: str) -> dict:
 
 
 def write_plan(plan: str, data: bytes, sidecar: dict) -> None:
-    """Engine and its sidecar JSON, both atomically (neither exists if one fails)."""
-    with atomic_path(plan) as tmp_plan, atomic_path(sidecar_path(plan)) as tmp_side:
-        with open(tmp_plan, "wb") as f:
+    """Engine and its sidecar JSON as one set (neither exists if one fails; a manifest of both
+    is written last, see :class:`~ssf_deploy.fileio.OutputSet`)."""
+    with OutputSet() as outs:
+        with open(outs.add(plan), "wb") as f:
             f.write(data)
-        with open(tmp_side, "w") as f:
+        with open(outs.add(sidecar_path(plan)), "w") as f:
             json.dump(sidecar, f, indent=2, default=str)
 
 

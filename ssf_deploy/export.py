@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import SSFDeployError, first_line
-from .fileio import atomic_path
+from .fileio import atomic_path, check_manifest
 from .models import example_input
 
 __all__ = ["export_onnx", "export_proto", "graph_stats", "OrtRunner", "initializer_map",
@@ -161,12 +161,14 @@ def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] 
     proto = export_proto(model, example=example, image_size=image_size, batch_size=batch_size,
                          opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, check=False)
     state = model.state_dict()
-    meta = {META_INIT: json.dumps(initializer_map(proto, state)),
+    meta = {META_INIT: json.dumps(initializer_map(proto, state), sort_keys=True),
             "ssf_deploy.export": json.dumps({"opset": opset, "dynamic_batch": dynamic_batch,
-                                             "simplify": simplify})}
-    meta.update({f"ssf_deploy.{k}": (v if isinstance(v, str) else json.dumps(v))
+                                             "simplify": simplify}, sort_keys=True)}
+    meta.update({f"ssf_deploy.{k}": (v if isinstance(v, str) else json.dumps(v, sort_keys=True))
                  for k, v in (metadata or {}).items()})
-    for k, v in meta.items():
+    meta = {**{p.key: p.value for p in proto.metadata_props}, **meta}   # onnxsim's + ours
+    del proto.metadata_props[:]
+    for k, v in sorted(meta.items()):     # same content, same bytes: one fixed order
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     with atomic_path(path) as tmp:
@@ -196,6 +198,7 @@ class OrtRunner:
         if isinstance(data, (str, os.PathLike)):
             if not os.path.isfile(data):
                 raise SSFDeployError(f"ONNX file not found: {data}")
+            check_manifest(data)
             with open(data, "rb") as f:
                 data = f.read()
         opts = ort.SessionOptions()

@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import (BaseMismatchError, CheckpointError, SSFDeployError, UsageError,
                      first_line)
+from .fileio import check_manifest
 
 __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
            "input_size", "head_modules", "count_params", "example_input", "sized_kwargs"]
@@ -77,6 +78,7 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
 
 
 def _read_weights(path: str) -> dict:
+    check_manifest(path)
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file

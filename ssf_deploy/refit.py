@@ -35,6 +35,7 @@ import torch
 from onnx import numpy_helper
 
 from .errors import SSFDeployError, first_line
+from .fileio import check_manifest
 from .export import INPUT_NAME, META_INIT, OrtRunner, export_proto, read_metadata
 
 __all__ = ["META_EXPORT", "TaskWeights", "export_settings", "check_task_matches",
@@ -52,6 +53,7 @@ def load_onnx(path: str) -> onnx.ModelProto:
     """Read an ONNX file with a one-line error for a missing, empty or corrupt file."""
     if not os.path.isfile(path):
         raise SSFDeployError(f"ONNX file not found: {path}")
+    check_manifest(path)
     try:
         proto = onnx.load(path)
     except Exception as e:  # protobuf DecodeError, OSError, ...

@@ -29,8 +29,9 @@ from torch import nn
 
 from .data import builtin_dataset, inspect_data_dir, is_builtin_dir, make_loaders
 from .errors import SSFDeployError, first_line
-from .fileio import plain as _plain
-from .formats.checkpoint import FORMAT, load_checkpoint, save_checkpoint, task_record
+from .fileio import check_writable, plain as _plain
+from .formats.checkpoint import (FORMAT, load_checkpoint, save_checkpoint, serialized_size,
+                                 task_record)
 from .formats.provenance import base_record, describe_base
 from .models import count_params, create_base_model, creation_record, resolve_arch, sized_kwargs
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
@@ -390,6 +391,10 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
 
     device = _resolve_device(cfg.device, d)
     arch = resolve_arch(cfg.arch)
+    out = cfg.out or (cfg.resume if cfg.resume else default_out(arch, cfg.method))
+    if d.main:   # before the work: not after an epoch of it
+        check_writable(out)
+    resume = _read_resume(cfg.resume) if cfg.resume else None
     data_dir = _data_dir(cfg, d)
     classes = inspect_data_dir(data_dir)
     num_classes = int(cfg.num_classes or len(classes))
@@ -397,9 +402,6 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
         raise SSFDeployError(f"--num-classes {num_classes} but {data_dir} has "
                              f"{len(classes)} classes")
     model_kwargs, size = _model_kwargs(arch, cfg)
-
-    resume = _read_resume(cfg.resume) if cfg.resume else None
-    out = cfg.out or (cfg.resume if cfg.resume else default_out(arch, cfg.method))
 
     _seed_all(cfg.seed)   # same initial weights (random head, SSF/prompt init) on every rank
     model = _build_model(arch, num_classes, model_kwargs, cfg)
@@ -476,12 +478,117 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
                mixup_fn, criterion)
     if resume is not None:
         _restore(run, resume)
+    if d.main:   # room for the first checkpoint, before an epoch of work is spent on it
+        check_writable(out, need={out: _checkpoint_bytes(run)})
     return run
 
 
+def _checkpoint_bytes(run: _Run) -> int:
+    """The size of the next checkpoint, serialized into a byte counter (nothing is written).
+
+    Before the first step the optimizer holds no state yet: AdamW's (a step and two moments per
+    parameter) is stood in for by one-element tensors, whose missing bytes are added; the count
+    is then right to within the zip alignment of each record."""
+    ck = _checkpoint(run, run.start)
+    missing = 0
+    if not run.optimizer.state:
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        ck["optimizer"]["state"] = {
+            i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(1, dtype=p.dtype),
+                "exp_avg_sq": torch.zeros(1, dtype=p.dtype)}
+            for i, p in enumerate(params) if p.requires_grad}
+        missing = sum(2 * (p.numel() - 1) * p.element_size() for p in params if p.requires_grad)
+    return serialized_size(ck) + missing
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_optimizer_state(run: _Run, saved, path: str) -> None:
+    """Refuse an optimizer state that ``load_state_dict`` would accept but the first step would
+    crash on (or silently misuse): other groups, other parameter counts, moments of another
+    shape or type, hyper-parameters that are not numbers."""
+    def refuse(why: str):
+        raise SSFDeployError(f"cannot resume from {path}: optimizer state {why}")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or \
+            not isinstance(saved.get("param_groups"), list):
+        refuse("is not {'state': {...}, 'param_groups': [...]}")
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    groups = run.optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        refuse(f"has {len(saved['param_groups'])} parameter group(s), this run "
+               f"{len(groups)}")
+    for gi, (theirs, ours) in enumerate(zip(saved["param_groups"], groups)):
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list):
+            refuse(f"group {gi} is malformed")
+        if len(theirs["params"]) != len(ours["params"]):
+            refuse(f"group {gi} holds {len(theirs['params'])} parameters, this run "
+                   f"{len(ours['params'])}")
+        for key in ("lr", "weight_decay", "eps", "initial_lr"):
+            if key in theirs and not _is_number(theirs[key]):
+                refuse(f"group {gi} '{key}' is {theirs[key]!r}, not a number")
+        betas = theirs.get("betas")
+        if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                                      and all(_is_number(b) for b in betas)):
+            refuse(f"group {gi} 'betas' is {betas!r}, not two numbers")
+        for index, p in zip(theirs["params"], ours["params"]):
+            entry = saved["state"].get(index)
+            if entry is None:
+                continue
+            name = names.get(id(p), f"#{index}")
+            if not isinstance(entry, dict):
+                refuse(f"for {name} is a {type(entry).__name__}, not a dict")
+            for key, v in entry.items():
+                if key == "step":
+                    ok = _is_number(v) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+                    if not ok:
+                        refuse(f"'step' of {name} is {v!r}, not a number")
+                elif not isinstance(v, torch.Tensor):
+                    refuse(f"'{key}' of {name} is a {type(v).__name__}, not a tensor")
+                elif tuple(v.shape) != tuple(p.shape) or not v.is_floating_point():
+                    refuse(f"'{key}' of {name} is a {v.dtype} tensor of shape "
+                           f"{tuple(v.shape)}, the parameter is {tuple(p.shape)}")
+
+
+def _check_scheduler_state(run: _Run, saved, path: str) -> None:
+    """Each field the scheduler has must hold the type it has (timm's ``load_state_dict``
+    copies whatever it is given into the scheduler's attributes)."""
+    def refuse(why: str):
+        raise SSFDeployError(f"cannot resume from {path}: scheduler state {why}")
+    if not isinstance(saved, dict):
+        refuse(f"is a {type(saved).__name__}, not a dict")
+    ours = _plain(run.scheduler.state_dict())
+    for key, v in saved.items():
+        if key not in ours:
+            continue     # a field another timm version had: harmless
+        mine = ours[key]
+        if mine is None or v is None:
+            continue
+        same = (_is_number(mine) and _is_number(v)) or type(v) is type(mine)
+        if isinstance(mine, list) and isinstance(v, list):
+            same = len(v) == len(mine) and all(_is_number(x) == _is_number(y)
+                                               for x, y in zip(v, mine))
+        if not same:
+            refuse(f"'{key}' is {v!r}, expected something like {mine!r}")
+
+
 def _restore(run: _Run, resume: dict) -> None:
-    """Load a checkpoint's trainable state, optimiser, schedule, scaler and RNG into ``run``."""
+    """Load a checkpoint's trainable state, optimiser, schedule, scaler and RNG into ``run``,
+    each checked first: a malformed one is refused in one line before any step is taken."""
     cfg = run.cfg
+    epoch = resume["epoch"]
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        raise SSFDeployError(f"cannot resume from {cfg.resume}: 'epoch' is {epoch!r}, not a "
+                             f"number of epochs")
+    metrics = resume["metrics"]
+    if not isinstance(metrics, dict) or not all(
+            isinstance(metrics.get(k, []), list) and all(_is_number(v) for v in metrics.get(k, []))
+            for k in run.metrics):
+        raise SSFDeployError(f"cannot resume from {cfg.resume}: 'metrics' is not a dict of "
+                             f"lists of numbers")
+    _check_optimizer_state(run, resume["optimizer"], cfg.resume)
+    _check_scheduler_state(run, resume["scheduler"], cfg.resume)
     try:
         load_trainable_state(run.model, resume["state"])
         run.optimizer.load_state_dict(resume["optimizer"])

@@ -10,9 +10,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from ..errors import CheckpointError, first_line
+from ..fileio import check_manifest
 from . import checkpoint, official, pack
-from .task import Task, build_model, num_classes_from
+from .task import Task, build_model, check_task, num_classes_from
 
 __all__ = ["Task", "build_model", "read_task", "Reader", "READERS", "num_classes_from"]
 
@@ -60,6 +63,7 @@ def read_task(path: str) -> Task:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_manifest(path)
     try:
         kind = _sniff(path)
     except OSError as e:
@@ -75,7 +79,12 @@ def read_task(path: str) -> Task:
         obj = checkpoint.load_checkpoint(path)
     for reader in READERS:
         if reader.accepts(obj):
-            return reader.read(obj, path)
+            return check_task(reader.read(obj, path))
+    state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
+    if isinstance(state, dict) and any(isinstance(v, torch.Tensor) for v in state.values()):
+        k = next(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        raise CheckpointError(f"{path}: state dict entry '{k}' is a {type(state[k]).__name__}, "
+                              f"not a tensor")
     what = type(obj).__name__ if not isinstance(obj, dict) else "a dict without tensors"
     raise CheckpointError(f"{path} is neither an ssf-deploy checkpoint, an official SSF "
                           f"checkpoint nor a state dict (it holds {what})")

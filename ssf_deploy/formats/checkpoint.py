@@ -20,22 +20,49 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError, first_line
-from ..fileio import atomic_path, plain
+from ..fileio import atomic_path, check_manifest, plain
 from ..models import creation_record, input_size
 from ..tuners import infer_method, method_of, trainable_state_dict
 from .provenance import base_record, record_probe
-from .task import Task
+from .task import Task, check_task
 
 __all__ = ["FORMAT", "SAFE_GLOBALS", "save_checkpoint", "load_checkpoint", "is_ours",
-           "read_ours", "is_state_dict", "read_state_dict", "task_record", "save_task"]
+           "read_ours", "is_state_dict", "read_state_dict", "task_record", "save_task",
+           "serialized_size"]
 
 FORMAT = "ssf-deploy/checkpoint/1"
 SAFE_GLOBALS = [argparse.Namespace]
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through :func:`~ssf_deploy.fileio.atomic_path`, into a file object: the
+    zip records are then named ``archive/...`` whatever the temp file is called (same content,
+    same bytes), and a full disk raises the operating system's error instead of torch's
+    "unexpected pos"."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+class _Counter:
+    """A file object that keeps only the number of bytes written to it."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.bytes += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def serialized_size(obj: Any) -> int:
+    """The size ``save_checkpoint(obj, ...)`` would write, without writing anything."""
+    sink = _Counter()
+    torch.save(obj, sink)
+    return sink.bytes
 
 
 def task_record(model: nn.Module, *, image_size: Optional[int] = None,
@@ -73,6 +100,7 @@ def load_checkpoint(path: str) -> Any:
     """``torch.load(weights_only=True)`` with a one-line error for every way it can fail."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_manifest(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -102,11 +130,15 @@ def read_ours(obj: dict, path: str) -> Task:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'")
     if not isinstance(obj["state"], dict):
         raise CheckpointError(f"checkpoint {path}: 'state' is not a dict of tensors")
-    return Task(obj["arch"], int(obj["num_classes"]), obj["method"],
-                dict(obj.get("options") or {}), dict(obj["state"]),
-                extra={k: obj[k] for k in ("epoch", "metrics", "base", "probe", "image_size")
-                       if k in obj},
-                model_kwargs=dict(obj.get("model_kwargs") or {}), path=path)
+    options, kwargs = obj.get("options"), obj.get("model_kwargs")
+    return check_task(Task(
+        obj["arch"], obj["num_classes"], obj["method"],
+        dict(options) if isinstance(options, dict) else ({} if options is None else options),
+        dict(obj["state"]),
+        extra={k: obj[k] for k in ("epoch", "metrics", "base", "probe", "image_size") if k in obj},
+        model_kwargs=dict(kwargs) if isinstance(kwargs, dict) else ({} if kwargs is None else
+                                                                      kwargs),
+        path=path))
 
 
 # ------------------------------------------------------------------------------------ state dict

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError, first_line
-from ..fileio import save_safetensors
+from ..fileio import check_manifest, save_safetensors
 from ..models import creation_record, input_size
 from ..tuners import method_of, trainable_state_dict
 from .provenance import base_record, record_probe
-from .task import Task, provenance_of
+from .task import Task, check_task, provenance_of
 
 __all__ = ["PACK_FORMAT", "save_pack", "read_pack", "is_pack", "read_safetensors"]
 
@@ -83,6 +83,7 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
     from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
         raise CheckpointError(f"file not found: {path}")
+    check_manifest(path)
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
@@ -101,9 +102,18 @@ def read_pack(path: str) -> Task:
         kwargs = json.loads(meta.get("model_kwargs") or "{}")
         extra = json.loads(meta.get("extra") or "{}")
         nc = int(meta["num_classes"]) if meta.get("num_classes") else None
-        if isinstance(extra.get("probe"), dict) and "logits" in extra["probe"]:
-            extra["probe"]["logits"] = torch.tensor(extra["probe"]["logits"], dtype=torch.float32)
     except (json.JSONDecodeError, ValueError, TypeError) as e:
         raise CheckpointError(f"corrupt pack metadata in {path}: {first_line(e)}") from None
-    return Task(meta.get("arch"), nc, meta.get("method", "ssf"), options, state, source="pack",
-                extra=extra, model_kwargs=kwargs, path=path)
+    for name, value in (("options", options), ("model_kwargs", kwargs), ("extra", extra)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"corrupt pack metadata in {path}: '{name}' is not a JSON "
+                                  f"object")
+    probe = extra.get("probe")
+    if isinstance(probe, dict) and "logits" in probe:
+        try:
+            probe["logits"] = torch.tensor(probe["logits"], dtype=torch.float32)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"corrupt pack metadata in {path}: probe logits: "
+                                  f"{first_line(e)}") from None
+    return check_task(Task(meta.get("arch"), nc, meta.get("method", "ssf"), options, state,
+                           source="pack", extra=extra, model_kwargs=kwargs, path=path))

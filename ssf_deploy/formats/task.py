@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
 from ..models import create_base_model, creation_record
-from ..tuners import apply_method, load_trainable_state
+from ..tuners import apply_method, check_trainable_state, load_trainable_state
 from .provenance import check_base, describe_base
 
-__all__ = ["Task", "build_model", "num_classes_from", "provenance_of"]
+__all__ = ["Task", "build_model", "num_classes_from", "provenance_of", "check_task"]
 
 PROVENANCE = "ssf_deploy_provenance"
 
@@ -52,6 +53,97 @@ class Task:
         """The resolution the task was trained at."""
         size = self.extra.get("image_size") or (self.base or {}).get("image_size")
         return int(size) if size else None
+
+
+def _what(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)}"
+    text = repr(v)
+    return f"the {type(v).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_int(v: Any, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def check_task(task: Task) -> Task:
+    """Refuse, in one line, a task whose recorded values have the wrong type or shape.
+
+    Every reader's result goes through here before a model is built, so a malformed file (a
+    factor that is the number 1.0, options that are not a dict, a golden probe of the wrong
+    size) is a :class:`~ssf_deploy.errors.CheckpointError` naming the field, never an
+    ``AttributeError`` from deep inside the rebuild. Shapes against the model are checked by
+    :func:`build_model`.
+    """
+    where = task.path or "the checkpoint"
+
+    def bad(field: str, value: Any, expected: str):
+        raise CheckpointError(f"{where}: '{field}' is {_what(value)}, expected {expected}")
+
+    if task.arch is not None and (not isinstance(task.arch, str) or not task.arch):
+        bad("arch", task.arch, "a timm model name")
+    if task.num_classes is not None and not _is_int(task.num_classes, 1):
+        bad("num_classes", task.num_classes, "a positive integer")
+    if not isinstance(task.method, str):
+        bad("method", task.method, "a method name")
+    for field in ("options", "model_kwargs"):
+        value = getattr(task, field)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            bad(field, value, "a dict")
+    if not isinstance(task.state, dict):
+        bad("state", task.state, "a dict of tensors")
+    for k, v in task.state.items():
+        if not isinstance(k, str):
+            bad("state", k, "tensor names (str)")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{where}: checkpoint entry '{k}' is {_what(v)}, not a tensor")
+    extra = task.extra
+    if "image_size" in extra and extra["image_size"] is not None and \
+            not _is_int(extra["image_size"], 1):
+        bad("image_size", extra["image_size"], "a positive integer")
+    if extra.get("epoch") is not None and not _is_int(extra["epoch"]):
+        bad("epoch", extra["epoch"], "a number of epochs")
+    metrics = extra.get("metrics")
+    if metrics is not None and (not isinstance(metrics, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                        for x in v) for v in metrics.values())):
+        bad("metrics", metrics, "a dict of lists of numbers")
+    base = extra.get("base")
+    if base is not None:
+        if not isinstance(base, dict):
+            bad("base", base, "a dict (the base record)")
+        for field, ok, expected in (
+                ("sha256", lambda v: isinstance(v, str) and v.startswith("sha256:"),
+                 "'sha256:<hex>'"),
+                ("init_seed", lambda v: v is None or _is_int(v), "an integer seed or null"),
+                ("source", lambda v: v is None or isinstance(v, str), "a string"),
+                ("arch", lambda v: isinstance(v, str), "a timm model name"),
+                ("num_classes", lambda v: _is_int(v, 1), "a positive integer"),
+                ("image_size", lambda v: _is_int(v, 1), "a positive integer"),
+                ("tensors", lambda v: _is_int(v), "a count"),
+                ("model_kwargs", lambda v: isinstance(v, dict), "a dict")):
+            if field in base and not ok(base[field]):
+                bad(f"base.{field}", base[field], expected)
+    probe = extra.get("probe")
+    if probe is not None:
+        if not isinstance(probe, dict):
+            bad("probe", probe, "a dict (the golden probe record)")
+        shape = probe.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(s, 1) for s in shape)):
+            bad("probe.shape", shape, "[batch, channels, height, width]")
+        if not _is_int(probe.get("seed")):
+            bad("probe.seed", probe.get("seed"), "an integer seed")
+        logits = probe.get("logits")
+        classes = task.num_classes
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and
+                logits.is_floating_point() and logits.shape[0] == shape[0] and
+                (classes is None or logits.shape[1] == classes)):
+            bad("probe.logits", logits, f"a float tensor of shape ({shape[0]}, "
+                f"{classes if classes is not None else 'classes'})")
+        for field in ("input_sha256", "recorded", "device", "dtype"):
+            if field in probe and not isinstance(probe[field], str):
+                bad(f"probe.{field}", probe[field], "a string")
+    return task
 
 
 def num_classes_from(state: dict) -> Optional[int]:
@@ -107,6 +199,8 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
     model = create_base_model(arch, num_classes, pretrained=pretrained, pretrained_file=base_weights,
                               init_seed=init_seed, **task.model_kwargs)
     apply_method(model, task.method, **task.options)
+    if not task.complete:   # names, types, shapes: before hashing the base against its record
+        check_trainable_state(model, task.state)
     if task.complete:
         own = model.state_dict()
         missing = [k for k in own if k not in task.state]

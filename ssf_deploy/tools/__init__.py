@@ -3,7 +3,8 @@
 Each subcommand lives in its own module and is imported only when used, so ``ssf-deploy params``
 does not pay for onnx/tensorrt imports. CLI modules parse options and print; the work is done by
 the library. Exit codes: 0 success, 1 a check failed, 2 usage or bad input (one line on
-stderr), 130 interrupted (see :mod:`ssf_deploy.errors`).
+stderr), 130 interrupted, 143 terminated (see :mod:`ssf_deploy.errors`). The console script is
+``ssf_deploy_launcher:main``, which makes Ctrl-C clean while this package is still importing.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import sys
 
 import click
 
-from ..errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SSFDeployError
+from ..errors import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, SSFDeployError,
+                      Terminated, describe_os_error)
 
 # name -> (module, attribute, one-line help)
 TOOLS = {
@@ -63,7 +65,10 @@ def main(argv=None) -> int:
     except SSFDeployError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:   # click's wrapping of KeyboardInterrupt
+        if isinstance(e.__cause__, Terminated):
+            click.echo("error: terminated", err=True)
+            return EXIT_TERMINATED
         click.echo("error: interrupted", err=True)
         return EXIT_INTERRUPTED
     except click.UsageError as e:   # one line, like every other user error
@@ -75,10 +80,16 @@ def main(argv=None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    except Terminated:
+        click.echo("error: terminated", err=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except OSError as e:   # one place maps them all: "disk full writing X", "no permission ..."
+        click.echo(f"error: {describe_os_error(e, action=None)}", err=True)
+        return EXIT_BAD_INPUT
 
 
-def run_main():  # console-script entry point
+def run_main():  # the console script of ssf-deploy <= 0.2 (now ssf_deploy_launcher:main)
     sys.exit(main())

@@ -1,4 +1,9 @@
 """``python -m ssf_deploy.tools`` (and ``torchrun ... -m ssf_deploy.tools train ...``)."""
-from . import run_main
+import sys
 
-run_main()
+try:
+    from ssf_deploy_launcher import main
+except ImportError:   # the package copied without its launcher
+    from . import main
+
+sys.exit(main())

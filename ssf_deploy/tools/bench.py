@@ -70,6 +70,8 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
         raise UsageError(f"--model-kwargs is not JSON: {e}") from None
     if not isinstance(kwargs, dict):
         raise UsageError("--model-kwargs must be a JSON object")
+    from ..fileio import check_writable
+    check_writable(json_path, plot_path)
     cfg = B.BenchConfig(arch=resolve_arch(arch), num_classes=num_classes, batch_size=batch_size,
                         image_size=image_size, device=device, amp=cuda if amp is None else amp,
                         backend=backend, warmup=(5 if cuda else 1) if warmup is None else warmup,

@@ -6,7 +6,6 @@ tolerances of the precision that was built. TensorRT's own log goes to stderr.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -99,7 +98,7 @@ def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, wo
     """Build a TensorRT engine from ONNX, compare it with onnxruntime, time it."""
     from .. import engine as E
     from ..export import OrtRunner, graph_stats
-    from ..fileio import atomic_path
+    from ..fileio import OutputSet, check_writable
     from ..refit import export_settings, load_onnx
     from ..verify import compare, run_outputs
 
@@ -114,6 +113,7 @@ def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, wo
         raise UsageError(f"--inputs must be a number of random batches or a folder of images: "
                          f"{inputs_spec!r} is neither")
     E.cuda_device(device)                               # spelling; existence after the import
+    check_writable(out, E.sidecar_path(out), timing_cache, calib_cache)
     proto = load_onnx(onnx_path)
     settings = export_settings(proto)
     batches = E.resolve_batches(settings, min_batch, opt_batch, max_batch)
@@ -199,16 +199,17 @@ def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, wo
         "verify_max_abs": [o.max_abs for o in report.outputs],
         "top1_agreement": [o.top1_agree for o in report.outputs]})
     calib_out = calibration.cache_out if calibration is not None and calib_cache else None
-    # every output at once: temp files renamed only when all of them were written
-    with contextlib.ExitStack() as stack:
-        writes = [(out, plan), (E.sidecar_path(out),
-                                json.dumps(sidecar, indent=2, default=str).encode())]
+    # every output at once: temp files renamed only when all of them were written, then the
+    # manifest of the engine and its sidecar (the caches are shared between builds: not listed)
+    with OutputSet() as outs:
+        writes = [(out, plan, True), (E.sidecar_path(out),
+                                      json.dumps(sidecar, indent=2, default=str).encode(), True)]
         if cache is not None:
-            writes.append((timing_cache, cache))
+            writes.append((timing_cache, cache, False))
         if calib_out:
-            writes.append((calib_cache, calib_out))
-        for path, blob in writes:
-            with open(stack.enter_context(atomic_path(path)), "wb") as f:
+            writes.append((calib_cache, calib_out, False))
+        for path, blob, record in writes:
+            with open(outs.add(path, record=record), "wb") as f:
                 f.write(blob)
     if cache is not None:
         lines.append(f"wrote timing cache {timing_cache} ({len(cache) / 1e3:.1f} kB)")

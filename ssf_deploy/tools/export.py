@@ -26,18 +26,25 @@ def export(arch, num_classes, out, pretrained, base_weights, opset, dynamic_batc
            image_size, save_weights, as_json):
     """Export the plain base model to ONNX (reference for node counts and TensorRT)."""
     from ..export import export_onnx
-    from ..fileio import save_safetensors
+    from ..fileio import OutputSet, check_writable, manifest_path, save_safetensors
 
     if not out.endswith(".onnx"):
         raise UsageError(f"--out must end with .onnx: {out}")
+    check_writable(out, save_weights)
     kwargs, size = sized_kwargs(arch, {}, image_size)   # ViT/Swin take img_size, CNNs any size
     model = create_base_model(arch, num_classes, pretrained=pretrained,
                               pretrained_file=base_weights, **kwargs).eval()
-    info = export_onnx(model, out, image_size=size, opset=opset,
-                       dynamic_batch=dynamic_batch, simplify=not no_simplify,
-                       metadata={"arch": arch, "num_classes": num_classes, "fused_from": "base"})
+    with OutputSet() as outs:   # both or neither, then their manifest
+        info = export_onnx(model, outs.add(out), image_size=size, opset=opset,
+                           dynamic_batch=dynamic_batch, simplify=not no_simplify,
+                           metadata={"arch": arch, "num_classes": num_classes,
+                                     "fused_from": "base"})
+        info["path"] = out
+        if save_weights:
+            save_safetensors(model.state_dict(), outs.add(save_weights))
+    text = f"wrote {out}: {info['nodes']} nodes, {info['parameters']:,} parameters, ops {info['ops']}"
     if save_weights:
-        save_safetensors(model.state_dict(), save_weights)
-    emit(info, as_json, f"wrote {out}: {info['nodes']} nodes, {info['parameters']:,} parameters, "
-                        f"ops {info['ops']}")
+        info.update(weights=save_weights, manifest=manifest_path(out))
+        text += f"\nwrote {save_weights} (+ {manifest_path(out)})"
+    emit(info, as_json, text)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UsageError, VerificationError
+from ..fileio import check_writable
 from ..verify import DEFAULT_ATOL, DEFAULT_RTOL
 from ._common import (base_options, emit, image_size_for, load_task, make_inputs,
                       progress_printer, tuned_model)
@@ -53,6 +54,7 @@ def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, allow_bas
         raise UsageError(f"--out must end with .onnx: {out}")
     if strict_graph and compare_graph == "never":
         raise UsageError("--strict-graph needs the base graph: drop --compare-graph never")
+    check_writable(out, save_weights, save_pack)
     task = load_task(ckpt, pack)
     if task.method != "ssf":
         raise UsageError(f"checkpoint holds method '{task.method}'; only ssf fuses")

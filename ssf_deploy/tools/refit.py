@@ -20,6 +20,7 @@ import click
 import torch
 
 from ..errors import UsageError, VerificationError
+from ..fileio import atomic_path, check_manifest, check_writable
 from ._common import base_options, emit, load_task, tuned_model
 
 
@@ -65,6 +66,7 @@ def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt,
         want = E.PLAN_SUFFIXES if is_plan else (".onnx",)
         if not out.endswith(want):
             raise UsageError(f"--out must end with {'/'.join(want)} for this target: {out}")
+        check_writable(out, E.sidecar_path(out) if is_plan else None)
     if is_plan:
         if not os.path.isfile(target):
             raise UsageError(f"engine file not found: {target}")
@@ -135,7 +137,6 @@ def _refit_onnx(onnx_path, proto, model, fused, out, atol, rtol, inputs, as_json
                                 "— nothing written")
     if out:
         import onnx
-        from ..fileio import atomic_path
         baked = bake_initializers(proto, weights.values)
         with atomic_path(out) as tmp:
             onnx.save(baked, tmp)
@@ -179,6 +180,7 @@ def _refit_plan(trt, plan, onnx_path, proto, settings, task, model, fused, out, 
     prec = E.sidecar_precision(side)
     atol, rtol = _tol(atol, rtol, prec.name in ("fp16", "tf32"))
     logger = E.make_logger(trt, verbose)
+    check_manifest(plan)
     with open(plan, "rb") as f:
         engine, runtime = E.deserialize(f.read(), trt, logger, device=dev)
     state = fused.state_dict()

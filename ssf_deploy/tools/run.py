@@ -65,7 +65,7 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
     from ..data import builtin_dataset, make_loaders
     from ..deploy import deploy
     from ..export import OrtRunner
-    from ..fileio import save_safetensors
+    from ..fileio import check_writable, save_safetensors
     from ..formats import build_model, read_task
     from ..models import creation_record, resolve_arch
     from ..train import TrainConfig, train
@@ -75,6 +75,7 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
     except json.JSONDecodeError as e:
         raise UsageError(f"--model-kwargs is not JSON: {e}") from None
     arch = resolve_arch(arch)
+    check_writable(os.path.join(workdir, "model.onnx"))   # every artefact lands in workdir
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     builtin = builtin_dataset()

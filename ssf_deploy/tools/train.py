@@ -93,5 +93,8 @@ def train(arch, method, model_args, pretrained, pretrained_file, data, dataset, 
 
 
 if __name__ == "__main__":   # torchrun --nproc_per_node N -m ssf_deploy.tools.train --model ...
-    from . import main
+    try:
+        from ssf_deploy_launcher import main
+    except ImportError:   # the package copied without its launcher
+        from . import main
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -16,7 +16,8 @@ from ..fileio import plain
 from . import full, linear, bias, adapter, vpt, ssf  # noqa: F401  (registration order = METHODS)
 from .base import METHODS, freeze_backbone, get_tuner, infer_method, tuners, unfreeze_head, unload
 
-__all__ = ["apply_method", "method_of", "trainable_state_dict", "load_trainable_state", "METHODS",
+__all__ = ["apply_method", "method_of", "trainable_state_dict", "load_trainable_state",
+           "check_trainable_state", "METHODS",
            "unload", "get_tuner", "tuners", "infer_method"]
 
 
@@ -59,6 +60,16 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    check_trainable_state(model, state)
+    model.load_state_dict(state, strict=False)
+
+
+def check_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Refuse (:class:`CheckpointError`, one line) a task state that does not fit ``model``:
+    unknown names, values that are not tensors, other shapes, float vs integer."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint state is a {type(state).__name__}, not a dict of "
+                              f"tensors")
     own = model.state_dict()
     missing = [k for k in state if k not in own]
     if missing:
@@ -78,4 +89,3 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         k = bad[0]
         raise CheckpointError(f"checkpoint does not match the model: {k} is {state[k].dtype}, "
                               f"model expects {own[k].dtype}")
-    model.load_state_dict(state, strict=False)
