@@ -12,6 +12,7 @@ from .errors import (BaseMismatchError, CheckpointError, FuseError, SSFDeployErr
 from .formats import Task, build_model, read_task
 from .fuse import FuseReport, fuse, fuse_with_report
 from .models import count_params, create_base_model
+from .quantize import QuantizeConfig, QuantizeReport, quantize_onnx
 from .tuners import METHODS, apply_method, load_trainable_state, method_of, trainable_state_dict
 from .verify import VerifyReport, compare, verify
 
@@ -21,4 +22,5 @@ __all__ = ["SSFDeployError", "UsageError", "CheckpointError", "BaseMismatchError
            "VerificationError", "METHODS", "apply_method", "count_params", "create_base_model",
            "method_of", "trainable_state_dict", "load_trainable_state", "fuse",
            "fuse_with_report", "FuseReport", "verify", "compare", "VerifyReport", "deploy",
-           "DeployReport", "Task", "read_task", "build_model"]
+           "DeployReport", "Task", "read_task", "build_model", "quantize_onnx", "QuantizeConfig",
+           "QuantizeReport"]
