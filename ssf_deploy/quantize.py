@@ -33,7 +33,8 @@ from .errors import CheckpointError, SSFDeployError, UsageError, VerificationErr
 from .fileio import atomic_path
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize_onnx", "measure_latency", "runtime_graph",
-           "image_sets", "eval_transform", "onnx_arch", "CALIBRATION_METHODS", "QUANT_TYPES",
+           "image_sets", "eval_transform", "onnx_arch", "cpu_has_vnni", "CALIBRATION_METHODS",
+           "QUANT_TYPES",
            "META_ARCH", "META_QUANT"]
 
 META_ARCH = "ssf_deploy.arch"          # written by export_onnx(metadata={"arch": ...})
@@ -54,8 +55,11 @@ class QuantizeConfig:
     activation_type: str = "u8"            # u8 | s8
     weight_type: str = "s8"                # u8 | s8
     per_channel: bool = True
+    reduce_range: Optional[bool] = None    # 7-bit weights; None: when this CPU lacks VNNI
     exclude_nodes: Sequence[str] = ()      # node names kept in float
     exclude_op_types: Sequence[str] = ()   # op types kept in float (e.g. Softmax)
+    op_types: Sequence[str] = ()           # quantize only these op types (default: all onnxruntime can)
+    keep_float: int = 0                    # keep the N most sensitive nodes in float (measured)
     percentile: float = 99.999             # for method="percentile"
     calib_images: int = 64
     eval_images: int = 256                 # held-out images for agreement (at most)
@@ -91,17 +95,26 @@ class QuantizeConfig:
             raise UsageError("--latency-runs/--latency-warmup must be >= 0, --latency-batch >= 1")
         if not 0 < self.percentile <= 100:
             raise UsageError(f"--percentile must be in (0, 100], got {self.percentile:g}")
+        if self.keep_float < 0:
+            raise UsageError(f"--keep-float must be >= 0, got {self.keep_float}")
         if self.threads is not None and self.threads < 1:
             raise UsageError("--threads must be >= 1")
+
+    def resolved_reduce_range(self) -> bool:
+        return (not cpu_has_vnni()) if self.reduce_range is None else bool(self.reduce_range)
 
     def recipe(self) -> dict:
         r = {"format": "QDQ", "preprocess": "quant_pre_process",
              "activation_type": self.activation_type, "weight_type": self.weight_type,
-             "per_channel": self.per_channel, "calibration": self.method,
+             "per_channel": self.per_channel, "reduce_range": self.resolved_reduce_range(),
+             "calibration": self.method,
+             "op_types": list(self.op_types) or "all",
              "exclude_nodes": list(self.exclude_nodes),
              "exclude_op_types": list(self.exclude_op_types)}
         if self.method == "percentile":
             r["percentile"] = self.percentile
+        if self.keep_float:
+            r["keep_float"] = self.keep_float
         return r
 
 
@@ -120,6 +133,7 @@ class QuantizeReport:
     nodes: dict = field(default_factory=dict)
     written: Optional[str] = None
     seconds: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
     failure: str = ""
 
     @property
@@ -142,10 +156,12 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         r = self.recipe
-        excl = ", ".join(r["exclude_op_types"] + r["exclude_nodes"]) or "nothing"
+        bits = "7-bit (reduce_range) " if r.get("reduce_range") else ""
+        excl = ", ".join(r["exclude_op_types"] + r["exclude_nodes"]
+                         + [f"{n} (measured)" for n in r.get("kept_float_nodes", [])]) or "nothing"
         lines = [f"INT8 {self.arch} {self.input_size[1]}x{self.input_size[2]} from {self.source}: "
                  f"{r['format']}, {r['activation_type'].upper()} activations / "
-                 f"{r['weight_type'].upper()} weights "
+                 f"{bits}{r['weight_type'].upper()} weights "
                  f"{'per channel' if r['per_channel'] else 'per tensor'}, {r['calibration']} "
                  f"calibration on {self.calibration.get('images', 0)} images "
                  f"({self.calibration.get('source', '?')}), kept in float: {excl}"]
@@ -161,7 +177,9 @@ class QuantizeReport:
             lines.append(f"  held-out ({h['images']} images, {h['source']}): top-1 agreement "
                          f"{h['agreement']:.2f}%, max |logit error| {h['max_abs_logit_error']:.3g} "
                          f"(fp32 logits up to {h['max_abs_fp32_logit']:.3g}), mean "
-                         f"{h['mean_abs_logit_error']:.3g}, logit SQNR {h['logit_sqnr_db']:.1f} dB")
+                         f"{h['mean_abs_logit_error']:.3g}, logit SQNR {h['logit_sqnr_db']:.1f} dB"
+                         + (f" (QDQ simulated in float: {h['qdq_simulated_sqnr_db']:.1f} dB)"
+                            if "qdq_simulated_sqnr_db" in h else ""))
         if self.val:
             v = self.val
             lines.append(f"  val ({v['images']} labelled images, {v['source']}): top-1 fp32 "
@@ -175,6 +193,7 @@ class QuantizeReport:
                          f"{t['runs']} interleaved runs, median): fp32 "
                          f"{t['fp32_ms']:.2f} ms, int8 {t['int8_ms']:.2f} ms -> "
                          f"{t['ratio']:.2f}x")
+        lines += [f"  note: {n}" for n in self.notes]
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(f"  agreement {self.agreement:.2f}% vs --min-agreement "
                      f"{self.min_agreement:g}%: {verdict}")
@@ -183,6 +202,29 @@ class QuantizeReport:
         if self.failure:
             lines.append(f"FAIL: {self.failure}")
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "avx512vnni", "amx_int8")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has a VNNI dot-product instruction (Linux ``/proc/cpuinfo`` flags).
+
+    Without it onnxruntime's u8 x s8 kernels (AVX2 ``vpmaddubsw``) add pairs of products in
+    16 bits and can saturate with full 8-bit weights; 7-bit weights (``reduce_range``) avoid it.
+    Anything we cannot read counts as "has VNNI", which keeps onnxruntime's own default.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & set(_VNNI_FLAGS))
+    except OSError:
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------- the model
@@ -367,11 +409,16 @@ def _batches(x: np.ndarray, batch, dynamic_size: int = 32) -> list[tuple[np.ndar
 
 # ----------------------------------------------------------------------------- onnxruntime
 
-def _session(model, threads: Optional[int] = None, optimized_path: Optional[str] = None):
+def _session(model, threads: Optional[int] = None, optimized_path: Optional[str] = None,
+             level: str = "all"):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all" \
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # no spin-waiting after a run: with several sessions timed in turn, one session's spinning
+    # threads would steal the cores the next one runs on (measured: +60 % on ViT-S/16, 2 cores)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -556,6 +603,34 @@ def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     return float(10 * np.log10(max((ref ** 2).sum(), 1e-30) / max((noise ** 2).sum(), 1e-30)))
 
 
+SENSITIVITY_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _keep_float_search(pre, excluded: list, keep: int, quantized, base, fp32, x_cal, batch,
+                       threads, say) -> tuple[list, dict]:
+    """The ``keep`` nodes whose quantization hurts most, measured leave-one-out.
+
+    Every Conv/Gemm/MatMul is in turn kept in float (calibration reused) and the int8 model's
+    logit SQNR against fp32 is measured on the *calibration* images, so the held-out and
+    validation checks stay unbiased. The ``keep`` nodes whose exclusion gains most are chosen.
+    """
+    ref = _logits(fp32, x_cal, batch)
+    base_db = _sqnr_db(ref, _logits(_session(base, threads), x_cal, batch))
+    gains = {}
+    candidates = [n.name for n in pre.graph.node
+                  if n.op_type in SENSITIVITY_OPS and n.name and n.name not in excluded]
+    for i, name in enumerate(candidates):
+        q, _ = quantized(sorted(set(excluded) | {name}))
+        gains[name] = _sqnr_db(ref, _logits(_session(q, threads), x_cal, batch)) - base_db
+        if (i + 1) % 10 == 0:
+            say(f"  sensitivity: {i + 1}/{len(candidates)} nodes")
+    ranked = sorted(gains, key=lambda n: -gains[n])
+    chosen = [n for n in ranked[:keep] if gains[n] > 0]
+    return chosen, {"metric": "logit SQNR gain (dB) on the calibration images when kept in float",
+                    "base_sqnr_db": base_db, "candidates": len(candidates),
+                    "top": {n: gains[n] for n in ranked[:max(keep, 5)]}}
+
+
 def _check_exclusions(proto, cfg: QuantizeConfig) -> None:
     """Names and op types to exclude must exist in the model the user gave (checked up front)."""
     names = {n.name for n in proto.graph.node}
@@ -564,7 +639,7 @@ def _check_exclusions(proto, cfg: QuantizeConfig) -> None:
         raise UsageError(f"no node named {unknown[0]!r} in the model"
                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
     ops = {n.op_type for n in proto.graph.node}
-    missing = [t for t in cfg.exclude_op_types if t not in ops]
+    missing = [t for t in tuple(cfg.exclude_op_types) + tuple(cfg.op_types) if t not in ops]
     if missing:
         raise UsageError(f"no {missing[0]} node in the model (op types present: "
                          f"{', '.join(sorted(ops))})")
@@ -649,26 +724,49 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
                 raise SSFDeployError(f"quant_pre_process failed: {first_line(e)}") from e
         pre = onnx.load(pre_path)
         exclude = _resolve_exclusions(pre, cfg)
-        with stage("calibrate + quantize_static"), _quiet_ort_logging():
-            extra = {"CalibStridedMinMax": 1}      # calibrate batch by batch (see _Reader)
-            if cfg.method == "percentile":
-                extra["CalibPercentile"] = cfg.percentile
-            qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                      "percentile": CalibrationMethod.Percentile}[cfg.method]
-            try:
-                quantize_static(pre_path, q_path, _Reader(input_name, x_cal, batch_dim),
-                                quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                                activation_type=qtype[cfg.activation_type],
-                                weight_type=qtype[cfg.weight_type],
-                                nodes_to_exclude=exclude or None, calibrate_method=method,
-                                extra_options=extra)
-            except Exception as e:
-                raise SSFDeployError(f"onnxruntime quantize_static failed: {first_line(e)}") \
-                    from e
-        qproto = onnx.load(q_path)
+        extra = {"CalibStridedMinMax": 1}      # calibrate batch by batch (see _Reader)
+        if cfg.method == "percentile":
+            extra["CalibPercentile"] = cfg.percentile
+        qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[cfg.method]
+        calib_cache = os.path.join(tmp, "calibration.json")
+
+        def quantized(excluded: list):
+            """The QDQ model with ``excluded`` in float; calibration runs once, then is cached."""
+            with _quiet_ort_logging():
+                try:
+                    quantize_static(pre_path, q_path, _Reader(input_name, x_cal, batch_dim),
+                                    quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                                    reduce_range=cfg.resolved_reduce_range(),
+                                    activation_type=qtype[cfg.activation_type],
+                                    weight_type=qtype[cfg.weight_type],
+                                    nodes_to_exclude=excluded or None, calibrate_method=method,
+                                    op_types_to_quantize=list(cfg.op_types) or None,
+                                    extra_options=extra, calibration_cache_path=calib_cache)
+                except Exception as e:
+                    raise SSFDeployError(f"onnxruntime quantize_static failed: "
+                                         f"{first_line(e)}") from e
+            q = onnx.load(q_path)
+            return q, _float_inputs(q, set(excluded))
+
+        with stage("calibrate + quantize_static"):
+            qproto, rewired = quantized(exclude)
+        if cfg.keep_float:
+            with stage("sensitivity search"):
+                chosen, sensitivity = _keep_float_search(
+                    pre, exclude, cfg.keep_float, quantized, qproto,
+                    fp32, x_cal, batch_dim, cfg.threads, say)
+            report.recipe["kept_float_nodes"] = chosen
+            report.recipe["sensitivity"] = sensitivity
+            exclude = sorted(set(exclude) | set(chosen))
+            qproto, rewired = quantized(exclude)
     report.recipe["excluded_nodes_resolved"] = len(exclude)
-    report.recipe["excluded_inputs_kept_float"] = _float_inputs(qproto, set(exclude))
+    report.recipe["excluded_inputs_kept_float"] = rewired
+    try:
+        onnx.checker.check_model(qproto)
+    except Exception as e:
+        raise SSFDeployError(f"onnx.checker rejected the int8 model: {first_line(e)}") from e
     report.nodes = _node_stats(proto, qproto, cfg.threads)
     del qproto.metadata_props[:]
     for p in proto.metadata_props:
@@ -689,6 +787,18 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
                           "mean_abs_logit_error": float(err.mean()),
                           "max_abs_fp32_logit": float(np.abs(ha).max()),
                           "logit_sqnr_db": _sqnr_db(ha, hb)}
+        # the same QDQ model with no graph optimisation: DequantizeLinear -> float op, i.e. the
+        # quantization grid without onnxruntime's int8 kernels. A kernel SQNR far below this
+        # one is the kernels' own error (16-bit saturation on CPUs without VNNI)
+        sim = _logits(_session(qproto, cfg.threads, level="disable"), x_eval[held], batch_dim)
+        report.holdout["qdq_simulated_sqnr_db"] = _sqnr_db(ha, sim)
+        loss = report.holdout["qdq_simulated_sqnr_db"] - report.holdout["logit_sqnr_db"]
+        if loss > 6:
+            report.notes.append(
+                f"onnxruntime's int8 kernels lose {loss:.0f} dB of logit SQNR against the same "
+                f"QDQ model simulated in float: saturation"
+                + ("" if report.recipe["reduce_range"] else "; try --reduce-range (7-bit "
+                   "weights), which avoids it on CPUs without VNNI"))
         if sets["val"]:
             y = sets["val_labels"]
             rows = [index[f] for f in sets["val"]]
