@@ -24,6 +24,7 @@ from .formats import Task, build_model, read_task
 from .formats.checkpoint import save_task
 from .fuse import FuseReport, fuse, fuse_with_report
 from .models import count_params, create_base_model
+from .quantize import QuantizeConfig, QuantizeReport, quantize_onnx
 from .tuners import METHODS, apply_method, load_trainable_state, method_of, trainable_state_dict
 from .verify import VerifyReport, compare, verify
 
@@ -33,4 +34,5 @@ __all__ = ["SSFDeployError", "UsageError", "CheckpointError", "BaseMismatchError
            "VerificationError", "METHODS", "apply_method", "count_params", "create_base_model",
            "method_of", "trainable_state_dict", "load_trainable_state", "fuse",
            "fuse_with_report", "FuseReport", "verify", "compare", "VerifyReport", "deploy",
-           "DeployReport", "Task", "read_task", "build_model", "save_task"]
+           "DeployReport", "Task", "read_task", "build_model", "save_task", "quantize_onnx",
+           "QuantizeConfig", "QuantizeReport"]

@@ -24,8 +24,15 @@ def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
     assert ort == {"unfused (PyTorch)": True, "recorded at training (golden probe)": True}, ort
     top1 = report["val_top1"]
     assert top1["unfused_pytorch"] == top1["fused_onnxruntime"]
+    # int8 next to fp32: the quantizer's own fp32 evaluation (timm eval transform from the ONNX
+    # metadata, onnxruntime) reproduces the main job's fp32 ONNX top-1 on the same val images
+    q = report["int8"]
+    assert q["passed"] and q["written"] == str(work / "model.int8.onnx")
+    assert q["val"]["top1_fp32"] == top1["fused_onnxruntime"]
+    assert 0 <= q["val"]["top1_int8"] <= 100 and 0 <= q["agreement"] <= 100
+    assert q["calibration"]["source"].endswith("train") and q["latency"]["batch"] == 1
     for name in ("base.safetensors", "ssf.pt", "model.onnx", "task.safetensors",
-                 "fused.safetensors"):
+                 "fused.safetensors", "model.int8.onnx"):
         assert os.path.isfile(work / name), name
 
 

@@ -69,7 +69,22 @@ def test_outputs_and_schema(study):
         assert v["top1_mean"] == pytest.approx(v["top1"][0])
     assert data["ordering"]["vit"]["ranking_by_mean"]
     md = (out / "results.md").read_text()
-    assert "| SSF |" in md and "Fused ONNX" in md
+    assert "| SSF |" in md and "Fused ONNX" in md and "## INT8" in md
+
+
+def test_int8_column(study):
+    """Every run's deployable model is quantized and scored on all test digits."""
+    _, _, res = study
+    for r in res["runs"]:
+        q = r["int8"]
+        assert q["images"] == res["meta"]["downstream"]["val_images"]
+        assert q["graph"] == ("fused" if r["method"] == "ssf" else "as trained")
+        # the exported fp32 model under onnxruntime scores what train() measured in PyTorch
+        assert q["top1_fp32_onnx"] == pytest.approx(r["top1"])
+        assert q["top1_drop"] == pytest.approx(q["top1_fp32_onnx"] - q["top1_int8"])
+        assert 0 <= q["agreement"] <= 100 and q["int8_nodes"] > q["onnx_nodes"]
+    for m in ("linear", "adapter", "ssf"):
+        assert "top1_drop_mean" in res["summary"]["vit"][m]["int8"]
 
 
 def test_fused_onnx_matches_unfused(study):
