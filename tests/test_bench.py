@@ -214,14 +214,17 @@ def test_noise_warnings_name_the_busy_machine_and_the_noisy_row():
     assert B.spread([100.0, 110.0, 125.0]) == pytest.approx(0.25 / 1.1)
     assert B.spread([100.0]) is None
     quiet = {"busy_threshold": 1.0, "cores": 2, "loadavg_start": [0.2, 0.3, 0.4],
-             "others_cpu_max": 0.1,
+             "others_cpu_start": 0.05, "others_cpu_max": 0.1,
              "results": [{"method": "full", "train_step_spread": 0.05}]}
     assert noise_warnings(quiet) == []
-    busy = dict(quiet, loadavg_start=[3.5, 2, 2], others_cpu_max=1.7,
+    busy = dict(quiet, loadavg_start=[3.5, 2, 2], others_cpu_start=1.2, others_cpu_max=1.7,
                 results=[{"method": "ssf-fused", "infer_spread": 19.6}])
     text = "\n".join(noise_warnings(busy))
-    assert "load average 3.50 > 1" in text and "1.70 cores" in text
+    assert "other processes used 1.20 cores" in text and "load average 3.50" in text
+    assert "up to 1.70 cores during a timing pass" in text
     assert "ssf-fused: inference times spread 1960%" in text and "--repeat" in text
+    just_ended = dict(quiet, loadavg_start=[1.8, 1, 1])
+    assert "work that had just ended" in "\n".join(noise_warnings(just_ended))
 
 
 def test_a_long_cpu_run_says_how_long_and_how_to_shorten_it(monkeypatch):

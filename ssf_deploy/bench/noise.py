@@ -2,10 +2,11 @@
 
 Three pieces of evidence, all recorded in the report and turned into warnings:
 
-* the load average before the run starts and after it ends (at the end it includes the
-  benchmark itself: the busy test uses the start, and the next item for the run);
-* the CPU time *other* processes used during every timing pass: ``/proc/stat`` busy time minus
-  this process's and its children's (``getrusage``), in cores;
+* the load average before the run starts and after it ends (a one-minute average: at the start
+  it still holds work that may just have ended, at the end it includes the benchmark itself);
+* what other processes use right at the start and at the end (a one-second sample), and the CPU
+  time they used during every timing pass: ``/proc/stat`` busy time minus this process's and
+  its children's (``getrusage``), in cores;
 * the spread of a row's timed steps, ``(max - min) / median``.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ import statistics
 import time
 from typing import Optional
 
-__all__ = ["cores", "loadavg", "CpuMeter", "spread", "busy_threshold", "SPREAD_WARN",
-           "noise_warnings"]
+__all__ = ["cores", "loadavg", "CpuMeter", "others_now", "spread", "busy_threshold",
+           "SPREAD_WARN", "noise_warnings"]
 
 SPREAD_WARN = 0.20
 
@@ -73,6 +74,13 @@ class CpuMeter:
         return round(max(0.0, others) / elapsed, 2)
 
 
+def others_now(seconds: float = 1.0) -> Optional[float]:
+    """Cores' worth of CPU other processes use now (sampled over ``seconds`` of sleep)."""
+    meter = CpuMeter().start()
+    time.sleep(seconds)
+    return meter.stop()
+
+
 def spread(values: list[float]) -> Optional[float]:
     """``(max - min) / median`` of the timed steps; None with fewer than two."""
     if len(values) < 2:
@@ -85,10 +93,16 @@ def noise_warnings(report: dict) -> list[str]:
     """Every reason to distrust this report's timings, one line each."""
     out = []
     limit = report["busy_threshold"]
-    load0 = report["loadavg_start"][0]
+    load0, now0 = report["loadavg_start"][0], report.get("others_cpu_start")
+    if now0 is not None and now0 > limit:
+        out.append(f"the machine was busy when the run started: other processes used "
+                   f"{now0:.2f} cores (> {limit:g}, half of {report['cores']} cores)")
     if load0 > limit:
-        out.append(f"the machine was busy when the run started: load average {load0:.2f} > "
-                   f"{limit:g} (half of {report['cores']} cores); timings are not trustworthy")
+        quiet = (f" (though other processes used only {now0:.2f} cores right at the start: "
+                 f"that load was work that had just ended)" if now0 is not None and now0 <= limit
+                 else "")
+        out.append(f"load average {load0:.2f} over the minute before the run > {limit:g} (half "
+                   f"of {report['cores']} cores){quiet}")
     others = report.get("others_cpu_max")
     if others is not None and others > limit:
         out.append(f"other processes used up to {others:.2f} cores during a timing pass "
@@ -99,6 +113,6 @@ def noise_warnings(report: dict) -> list[str]:
             if s is not None and s > SPREAD_WARN:
                 out.append(f"{r['method']}: {label} times spread {100 * s:.0f}% "
                            f"(max-min over median; > {100 * SPREAD_WARN:.0f}%)")
-    if out:
+    if any("just ended" not in w for w in out):
         out.append("rerun on a quiet machine, with --repeat 3 to interleave the rows")
     return out

@@ -52,7 +52,8 @@ def format_table(report: dict) -> str:
             f"{', torch.compile' if report.get('compile') else ''}, {timing}")
     load = (f"load average {report['loadavg_start'][0]:.2f} at start -> "
             f"{report['loadavg_end'][0]:.2f} at end ({report['cores']} cores); other processes "
-            f"used up to {_fmt(report.get('others_cpu_max'), '.2f')} cores during timing; "
+            f"used {_fmt(report.get('others_cpu_start'), '.2f')} cores at start, up to "
+            f"{_fmt(report.get('others_cpu_max'), '.2f')} during timing; "
             f"timings on the normal allocator, memory in separate "
             f"{'mmap-threshold subprocesses' if report['isolated'] else 'passes'}"
             f"{'' if report['isolated'] or report['device'].startswith('cuda') else ' (in-process: CPU peaks are rough)'}")

@@ -23,7 +23,7 @@ import torch
 from ..errors import SSFDeployError, UsageError
 from .isolate import run_isolated
 from .measure import measure_task, mmap_big_blocks, warmup_steps
-from .noise import CpuMeter, busy_threshold, cores, loadavg, noise_warnings, spread
+from .noise import CpuMeter, busy_threshold, cores, loadavg, noise_warnings, others_now, spread
 from .progress import LONG_RUN_S, Pass, Progress, estimate_costs, fmt_seconds
 from .rows import SAME_AS_BASE, TRAIN_ROWS, BenchConfig, fuse_to_file, image_size
 from .table2 import table2
@@ -93,20 +93,23 @@ def run_bench(cfg: BenchConfig, rows: list[str], *, isolate: Optional[bool] = No
     if isolate is None:
         isolate = device.type == "cpu"
     t_start = time.perf_counter()
-    load0 = loadavg()
+    load0, now0 = loadavg(), others_now()
     passes = plan(rows, repeat)
     estimate = estimate_costs(cfg, passes, isolate) if progress else None
     prog = Progress(passes, enabled=progress, stream=stream)
     prog.note(f"bench: {cfg.arch} on {cfg.device}, {len(rows)} rows in {len(passes)} passes"
               f"{f', roughly {fmt_seconds(estimate)} here' if estimate else ''}; "
-              f"load average {load0[0]:.2f} ({cores()} cores)")
+              f"load average {load0[0]:.2f}, other processes using "
+              f"{'?' if now0 is None else format(now0, '.2f')} of {cores()} cores now")
     if estimate and estimate > LONG_RUN_S:
         prog.note(f"note: that is long for a CPU. For a quicker run pick a smaller model "
                   f"(--model vit_small_patch16_224, or vit_tiny_patch16_224), a smaller "
                   f"--batch-size (e.g. 4), fewer --iters (e.g. 2), or fewer rows (--method M)")
-    if load0[0] > busy_threshold():
-        prog.note(f"warning: load average {load0[0]:.2f} > {busy_threshold():g} (half of "
-                  f"{cores()} cores): the machine is busy and timings will not be trustworthy")
+    if (now0 if now0 is not None else load0[0]) > busy_threshold():
+        prog.note(f"warning: the machine is busy (other processes use "
+                  f"{'?' if now0 is None else format(now0, '.2f')} cores, load average "
+                  f"{load0[0]:.2f}; more than half of {cores()} cores): timings will not be "
+                  f"trustworthy")
     results: dict[str, dict] = {row: {"method": row} for row in rows}
     others: list[float] = []
     memory_mode = False
@@ -164,6 +167,7 @@ def run_bench(cfg: BenchConfig, rows: list[str], *, isolate: Optional[bool] = No
         "repeat": repeat, "threads": torch.get_num_threads(), "cores": cores(),
         "isolated": bool(isolate), "torch": torch.__version__,
         "loadavg_start": load0, "loadavg_end": loadavg(), "busy_threshold": busy_threshold(),
+        "others_cpu_start": now0, "others_cpu_end": others_now(),
         "others_cpu_max": max(others) if others else None,
         "timing": "normal allocator; " + ("a fresh subprocess per pass" if isolate
                                           else "in this process, rows rebuilt per pass"),

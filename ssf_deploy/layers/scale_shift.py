@@ -253,6 +253,27 @@ class ResidualSlot:
         self.before = self.after = self.y = None
 
 
+def _channel_sums(g: torch.Tensor, y: torch.Tensor, acc: torch.dtype):
+    """Per channel (last axis of 2-D ``g``, ``y``): ``(sum g*y, sum g)``, reduced in ``acc``.
+
+    One fused pass where the backend has it: batch-norm's backward reduction with mean 0 and
+    inverse std 1 computes exactly these two sums (its ``grad_weight`` and ``grad_bias``) without
+    materialising ``g*y``; about twice as fast as a multiply and two sums on a CPU.
+    """
+    if g.dtype == y.dtype and g.dtype in (torch.float32, torch.float64):
+        c = g.shape[-1]
+        ones = torch.ones(c, dtype=acc, device=g.device)
+        zeros = torch.zeros(c, dtype=acc, device=g.device)
+        try:
+            _, gy, gsum = torch.ops.aten.native_batch_norm_backward(
+                g, y, ones, None, None, zeros, ones, True, 0.0, [False, True, True])
+            return gy, gsum
+        except (RuntimeError, NotImplementedError):   # pragma: no cover - backend without it
+            pass
+    ga = g if g.dtype == acc else g.to(acc)
+    return (ga * y).sum(0), ga.sum(0)
+
+
 def _folded(weight, bias, scale, shift, dtype=None):
     """``scale * W`` and ``scale * b + shift`` (either factor may be absent, ``b`` too)."""
     w = weight if scale is None else weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
@@ -295,9 +316,8 @@ class _LinearScaleShift(torch.autograd.Function):
         acc = _acc(grad)
         c = grad.shape[-1]
         g = grad.reshape(-1, c)
-        g = g if g.dtype == acc else g.to(acc)   # fp16/bf16 AMP: reduce in float32
+        gsum = None
         with torch.no_grad():
-            gsum = g.sum(0) if shift is not None else None
             if scale is not None and ctx.needs_input_grad[3]:
                 slot = ctx.slot
                 if slot is not None:
@@ -311,13 +331,15 @@ class _LinearScaleShift(torch.autograd.Function):
                         slot.release()
                         ctx.slot = None
                 # sum(g * x) with x = (y - shift) / scale, x never materialised
-                per_c = (g * y.reshape(-1, c)).sum(0)
+                per_c, gsum = _channel_sums(g, y.reshape(-1, c), acc)
                 if shift is not None:
                     per_c = per_c - shift.to(acc) * gsum
                 per_c = per_c / scale.to(acc)
                 gscale = (per_c.sum() if scale.numel() == 1 else per_c).reshape(scale.shape)
                 gscale = gscale.to(scale.dtype)
             if shift is not None and ctx.needs_input_grad[4]:
+                if gsum is None:
+                    gsum = g.sum(0, dtype=acc)
                 gshift = gsum.to(shift.dtype)
         return gx, None, None, gscale, gshift, None
 
