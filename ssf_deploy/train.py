@@ -74,6 +74,7 @@ class TrainConfig:
     hflip: float = 0.5                  # horizontal-flip probability (0 for digits, text...)
     color_jitter: float = 0.4
     progress: bool = True               # tqdm bar (rank 0)
+    compile: bool = False               # torch.compile the training forward
     verbose: bool = True                # one line per epoch (rank 0)
     # called on every rank after each epoch's checkpoint: fn(epoch_done, metrics); not saved
     on_epoch_end: Optional[Callable[[int, dict], None]] = field(default=None, repr=False,
@@ -444,6 +445,8 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(unused))
+    if cfg.compile:
+        net = torch.compile(net)
 
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps

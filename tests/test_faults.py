@@ -340,8 +340,10 @@ def _ro_case(case, tasks, trained, ro, ok):
                    "ssf_deploy.refit.load_onnx"),
         "refit": (["refit", j(ok, "m.onnx"), "--pack", j(ok, "p.safetensors"), "--out",
                    j(ro, "r.onnx")], j(ro, "r.onnx"), "ssf_deploy.refit.load_onnx"),
-        "bench": (["bench", "--method", "ssf", "--model", "test_vit", "--json", j(ro, "b.json")],
+        "bench": (["bench", "--method", "ssf", "--model", "test_vit", "--out", j(ro, "b.json")],
                   j(ro, "b.json"), "ssf_deploy.bench.run_bench"),
+        "quantize": (["quantize", j(ok, "m.onnx"), "--out", j(ro, "q.onnx")], j(ro, "q.onnx"),
+                     "ssf_deploy.quantize.quantize_onnx"),
         "run": (["run", "--workdir", j(ro, "run"), "--no-bench"], j(ro, "run", "model.onnx"),
                 "ssf_deploy.data.builtin_dataset"),
     }[case]
@@ -349,7 +351,7 @@ def _ro_case(case, tasks, trained, ro, ok):
 
 @pytest.mark.parametrize("case", ["fuse", "fuse-pack", "export", "export-weights", "train",
                                   "train-resume", "train-resume-in-place", "engine", "refit",
-                                  "bench", "run"])
+                                  "bench", "quantize", "run"])
 def test_unwritable_output_is_refused_before_the_work(case, tasks, trained, tmp_path,
                                                       monkeypatch, capsys):
     ro, ok = str(tmp_path / "ro"), str(tmp_path / "ok")

@@ -10,14 +10,14 @@ from ..errors import UsageError
 
 @click.command()
 @click.option("--method", default="all", show_default=True,
-              help="all, or one method (comma list allowed); base, full, ssf and ssf-fused "
-                   "always run too. Rows: base full linear bias adapter vpt-shallow vpt-deep "
-                   "ssf ssf-naive frozen ssf-fused.")
+              help="all, or one method (comma list allowed); base, full, ssf, frozen and "
+                   "ssf-fused always run too. Rows: base full linear bias adapter vpt-shallow "
+                   "vpt-deep ssf ssf-naive frozen ssf-fused.")
 @click.option("--prompts", type=int, default=None,
               help="VPT prompt tokens (default: 200 shallow, 50 deep, as in Figure 3).")
 @click.option("--adapter-dim", type=int, default=None, help="Adapter bottleneck width d' (12).")
 @click.option("--model", "arch", default="vit_base_patch16_224", show_default=True,
-              help="timm model name.")
+              help="timm model name (on a CPU, vit_small_patch16_224 is ~4x quicker).")
 @click.option("--model-kwargs", default=None,
               help='Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 2}\'.')
 @click.option("--num-classes", default=100, show_default=True, type=int)
@@ -28,22 +28,32 @@ from ..errors import UsageError
               help="Mixed precision (default: on for CUDA like the paper, off (fp32) on CPU).")
 @click.option("--backend", default="torch", show_default=True,
               help="Inference runtime: torch, onnxruntime or tensorrt.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the trained and inferred models (the first steps compile).")
 @click.option("--warmup", default=None, type=int, help="Warm-up iterations (default 5 GPU, 1 CPU).")
 @click.option("--iters", default=None, type=int, help="Timed iterations (default 50 GPU, 5 CPU).")
+@click.option("--repeat", default=1, show_default=True, type=int,
+              help="Timing rounds with the rows interleaved (A B C A B C ...); medians reported.")
 @click.option("--isolate/--no-isolate", default=None,
-              help="Each row in a fresh subprocess (default on CPU: sound peak memory).")
+              help="Each pass in a fresh subprocess (default on CPU: sound peak memory).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Write the results as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (no table).")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the report as JSON to this file.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a Figure-3-style PNG.")
+@click.option("--no-progress", is_flag=True, help="No progress on stderr.")
 def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_size, image_size,
-          device, amp, backend, warmup, iters, isolate, seed, json_path, plot_path):
-    """Benchmark every tuning method: params, FLOPs, train step, memory, inference (Fig. 3)."""
+          device, amp, backend, compile_, warmup, iters, repeat, isolate, seed, as_json, out_path,
+          plot_path, no_progress):
+    """Benchmark every tuning method: params, FLOPs, train step, memory, inference (Fig. 3).
+
+    Timings and memory are measured in separate passes; progress and warnings go to stderr.
+    """
     import torch
 
     from .. import bench as B
-    from ..models import resolve_arch
+    from ..models import resolve_arch, sized_kwargs
 
     rows = B.resolve_methods(method)
     if device is None:
@@ -51,7 +61,8 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
     device = B.check_device(device)
     backend = B.check_backend(backend, device)
     cuda = device.startswith("cuda")
-    for name, v in (("--batch-size", batch_size), ("--num-classes", num_classes)):
+    for name, v in (("--batch-size", batch_size), ("--num-classes", num_classes),
+                    ("--repeat", repeat)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
     if iters is not None and iters < 1:
@@ -64,26 +75,39 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
         raise UsageError(f"--adapter-dim must be >= 1, got {adapter_dim}")
     if image_size is not None and image_size < 1:
         raise UsageError(f"--image-size must be >= 1, got {image_size}")
+    if compile_ and backend != "torch":
+        raise UsageError("--compile applies to the torch backend only")
     try:
         kwargs = json.loads(model_kwargs) if model_kwargs else {}
     except json.JSONDecodeError as e:
         raise UsageError(f"--model-kwargs is not JSON: {e}") from None
     if not isinstance(kwargs, dict):
         raise UsageError("--model-kwargs must be a JSON object")
-    from ..fileio import check_writable
-    check_writable(json_path, plot_path)
-    cfg = B.BenchConfig(arch=resolve_arch(arch), num_classes=num_classes, batch_size=batch_size,
+    arch = resolve_arch(arch)
+    sized_kwargs(arch, kwargs, image_size)   # a model/size that cannot be built fails here
+    from ..fileio import OutputSet, check_writable, write_json
+    check_writable(out_path, plot_path)      # before minutes of measuring
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError('--plot needs matplotlib: pip install "ssf-deploy[bench]"') from None
+    cfg = B.BenchConfig(arch=arch, num_classes=num_classes, batch_size=batch_size,
                         image_size=image_size, device=device, amp=cuda if amp is None else amp,
                         backend=backend, warmup=(5 if cuda else 1) if warmup is None else warmup,
                         iters=(50 if cuda else 5) if iters is None else iters, prompts=prompts,
-                        adapter_dim=adapter_dim, model_kwargs=kwargs, seed=seed)
-    report = B.run_bench(cfg, rows, isolate=isolate)
+                        adapter_dim=adapter_dim, model_kwargs=kwargs, seed=seed,
+                        compile=compile_)
+    report = B.run_bench(cfg, rows, isolate=isolate, progress=not no_progress, repeat=repeat)
+    with OutputSet(manifest=False) as outs:   # the report and its plot land together or not at all
+        if out_path:
+            write_json(report, outs.add(out_path))
+        if plot_path:
+            B.plot(report, outs.add(plot_path))
+    if as_json:
+        click.echo(json.dumps(report, indent=1, default=str))
+        return
     click.echo(B.format_table(report))
-    if json_path:
-        from ..fileio import atomic_path
-        with atomic_path(json_path) as tmp, open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        click.echo(f"wrote {json_path}")
-    if plot_path:
-        B.plot(report, plot_path)
-        click.echo(f"wrote {plot_path}")
+    for path in (out_path, plot_path):
+        if path:
+            click.echo(f"wrote {path}")

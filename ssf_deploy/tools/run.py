@@ -159,7 +159,8 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
         click.echo(json.dumps(result, indent=2, default=str))
     else:
         click.echo(f"done in {result['seconds']} s; artefacts in {workdir}/: base.safetensors, "
-                   f"ssf.pt, model.onnx, task.safetensors, fused.safetensors")
+                   f"ssf.pt, model.onnx, task.safetensors, fused.safetensors, "
+                   f"model.int8.onnx")
 
 
 def _bench(workdir, say) -> dict:

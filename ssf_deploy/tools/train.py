@@ -64,10 +64,12 @@ def _model_args(pairs) -> dict:
               help="Horizontal-flip probability (0 for digits, text).")
 @click.option("--color-jitter", type=float, default=0.4, show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the training forward (the first steps compile).")
 def train(arch, method, model_args, pretrained, pretrained_file, data, dataset, num_classes,
           epochs, batch_size, lr, weight_decay, warmup_epochs, min_lr, label_smoothing, mixup,
           cutmix, image_size, workers, seed, out, resume, device, amp, max_steps_per_epoch,
-          hflip, color_jitter, no_progress, **raw):
+          hflip, color_jitter, no_progress, compile_, **raw):
     """Fine-tune a timm model with a tuning method; checkpoint after every epoch.
 
     Multi-GPU: torchrun --nproc_per_node N -m ssf_deploy.tools.train --model ...
@@ -84,7 +86,8 @@ def train(arch, method, model_args, pretrained, pretrained_file, data, dataset, 
                       label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
                       image_size=image_size, workers=workers, seed=seed, out=out, resume=resume,
                       device=device, amp=amp, max_steps_per_epoch=max_steps_per_epoch,
-                      hflip=hflip, color_jitter=color_jitter, progress=not no_progress)
+                      hflip=hflip, color_jitter=color_jitter, progress=not no_progress,
+                      compile=compile_)
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:   # under torchrun only rank 0 reports
         top1 = f"{result.top1:.2f}%" if result.top1 is not None else "n/a"

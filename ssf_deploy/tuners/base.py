@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from typing import Any, Callable, ClassVar, Optional
 
 from torch import nn
@@ -16,7 +17,7 @@ from ..errors import SSFDeployError, UsageError
 from ..models import head_modules
 
 __all__ = ["Tuner", "register", "get_tuner", "tuners", "METHODS", "add_hook", "add_params",
-           "unload", "freeze_backbone", "transformer_blocks", "infer_method", "owner_of",
+           "add_forward", "base_forward", "unload", "freeze_backbone", "transformer_blocks", "infer_method", "owner_of",
            "set_owner"]
 
 _REGISTRY: dict[str, type["Tuner"]] = {}
@@ -131,9 +132,31 @@ def add_hook(module: nn.Module, fn: Callable, *, pre: bool = False,
         module.register_forward_hook(fn, with_kwargs=with_kwargs)
 
 
+def add_forward(module: nn.Module, fn: Callable) -> None:
+    """Run ``fn(module, *args, **kwargs)`` as ``module``'s forward (marked, removed by ``unload``).
+
+    For a method that must compute *instead of* the module rather than after it (SSF folded into
+    its producer while training). ``fn`` reads everything through ``module`` like a hook, falls
+    back to :func:`base_forward` for whatever it does not handle, and must be a module-level
+    function: a ``deepcopy`` rebinds it to the copy. Forward hooks still run around it.
+    """
+    if "forward" in module.__dict__:
+        raise SSFDeployError(f"module {type(module).__name__} already has its forward replaced")
+    setattr(fn, _MARK, True)
+    module.forward = types.MethodType(fn, module)
+
+
+def base_forward(module: nn.Module, *args, **kwargs):
+    """The module class's own forward (what :func:`add_forward` replaced)."""
+    return type(module).forward(module, *args, **kwargs)
+
+
 def unload(model: nn.Module) -> nn.Module:
     """Remove every hook and added parameter (PEFT's ``unload``); merge first to keep the task."""
     for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        if fwd is not None and getattr(getattr(fwd, "__func__", None), _MARK, False):
+            del module.__dict__["forward"]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [k for k, fn in hooks.items() if getattr(fn, _MARK, False)]:
                 del hooks[key]
