@@ -33,7 +33,7 @@ from .errors import CheckpointError, SSFDeployError, UsageError, VerificationErr
 from .fileio import atomic_path
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize_onnx", "measure_latency", "runtime_graph",
-           "image_sets", "eval_transform", "onnx_arch", "cpu_has_vnni", "CALIBRATION_METHODS",
+           "image_sets", "eval_transform", "onnx_arch", "cpu_has_vnni", "CALIBRATION_METHODS", "TARGETS",
            "QUANT_TYPES",
            "META_ARCH", "META_QUANT"]
 
@@ -41,6 +41,7 @@ META_ARCH = "ssf_deploy.arch"          # written by export_onnx(metadata={"arch"
 META_QUANT = "ssf_deploy.quantize"     # the recipe, recorded in the int8 model
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANT_TYPES = ("u8", "s8")
+TARGETS = ("onnxruntime", "tensorrt")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 Progress = Optional[Callable[[str], None]]
@@ -52,7 +53,8 @@ class QuantizeConfig:
     calib: str = "builtin"                 # DIR (train/ + val/, or a folder of images) | builtin
     val: Optional[str] = None              # labelled ImageFolder DIR | builtin | None
     method: str = "minmax"                 # calibration: minmax | entropy | percentile
-    activation_type: str = "u8"            # u8 | s8
+    target: str = "onnxruntime"            # onnxruntime | tensorrt (signed symmetric, float bias)
+    activation_type: Optional[str] = None  # u8 | s8; None: u8 for onnxruntime, s8 for tensorrt
     weight_type: str = "s8"                # u8 | s8
     per_channel: bool = True
     reduce_range: Optional[bool] = None    # 7-bit weights; None: when this CPU lacks VNNI
@@ -77,10 +79,19 @@ class QuantizeConfig:
         if self.method not in CALIBRATION_METHODS:
             raise UsageError(f"unknown calibration method {self.method!r}; choose from "
                              f"{', '.join(CALIBRATION_METHODS)}")
+        if self.target not in TARGETS:
+            raise UsageError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
         for name in ("activation_type", "weight_type"):
-            if getattr(self, name) not in QUANT_TYPES:
-                raise UsageError(f"{name.replace('_', '-')} must be one of "
-                                 f"{', '.join(QUANT_TYPES)}, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if v is not None and v not in QUANT_TYPES:
+                raise UsageError(f"--{name.replace('_', '-')} must be one of "
+                                 f"{', '.join(QUANT_TYPES)}, got {v!r}")
+            if self.target == "tensorrt" and v == "u8":
+                raise UsageError(f"--{name.replace('_', '-')} u8 cannot be built by TensorRT "
+                                 f"(signed symmetric INT8 only): drop it or use --for onnxruntime")
+        if self.target == "tensorrt" and self.reduce_range:
+            raise UsageError("--reduce-range is an onnxruntime CPU workaround; TensorRT takes "
+                             "full 8-bit weights (drop it with --for tensorrt)")
         if not 0 <= self.min_agreement <= 100:
             raise UsageError(f"--min-agreement is a percentage in [0, 100], got "
                              f"{self.min_agreement:g}")
@@ -101,11 +112,24 @@ class QuantizeConfig:
             raise UsageError("--threads must be >= 1")
 
     def resolved_reduce_range(self) -> bool:
+        if self.target == "tensorrt":
+            return False
         return (not cpu_has_vnni()) if self.reduce_range is None else bool(self.reduce_range)
+
+    def resolved_activation_type(self) -> str:
+        return self.activation_type or ("s8" if self.target == "tensorrt" else "u8")
+
+    def extra_options(self) -> dict:
+        """onnxruntime ``extra_options`` the target needs beyond the calibration ones."""
+        if self.target != "tensorrt":
+            return {}
+        # TensorRT builds explicit Q/DQ only when zero points are 0 and biases stay float
+        return {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
 
     def recipe(self) -> dict:
         r = {"format": "QDQ", "preprocess": "quant_pre_process",
-             "activation_type": self.activation_type, "weight_type": self.weight_type,
+             "target": self.target, "activation_type": self.resolved_activation_type(),
+             "weight_type": self.weight_type, **self.extra_options(),
              "per_channel": self.per_channel, "reduce_range": self.resolved_reduce_range(),
              "calibration": self.method,
              "op_types": list(self.op_types) or "all",
@@ -724,7 +748,8 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
                 raise SSFDeployError(f"quant_pre_process failed: {first_line(e)}") from e
         pre = onnx.load(pre_path)
         exclude = _resolve_exclusions(pre, cfg)
-        extra = {"CalibStridedMinMax": 1}      # calibrate batch by batch (see _Reader)
+        extra = {"CalibStridedMinMax": 1,      # calibrate batch by batch (see _Reader)
+                 **cfg.extra_options()}
         if cfg.method == "percentile":
             extra["CalibPercentile"] = cfg.percentile
         qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
@@ -739,7 +764,7 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
                     quantize_static(pre_path, q_path, _Reader(input_name, x_cal, batch_dim),
                                     quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                                     reduce_range=cfg.resolved_reduce_range(),
-                                    activation_type=qtype[cfg.activation_type],
+                                    activation_type=qtype[cfg.resolved_activation_type()],
                                     weight_type=qtype[cfg.weight_type],
                                     nodes_to_exclude=excluded or None, calibrate_method=method,
                                     op_types_to_quantize=list(cfg.op_types) or None,

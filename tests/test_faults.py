@@ -199,11 +199,17 @@ def _env() -> dict:
         OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
+def _default_sigint():
+    """A child starts with SIGINT at its default, as from a terminal. Started from a background
+    job (``pytest ... &``) it would inherit SIG_IGN, which the launcher rightly leaves alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _child(code: str, *args, env=None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env or _env(), cwd=ROOT,
-                            **kw)
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _wait_for(proc: subprocess.Popen, marker: str) -> None:
@@ -778,7 +784,8 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path):
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     dash_m = subprocess.Popen([sys.executable, "-m", "ssf_deploy", "params"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_default_sigint)
     later = _gate("ssf_deploy.tools.params") + "from ssf_deploy_launcher import main\n" \
         "sys.exit(main())\n"
     sigint = _child(later, "params")

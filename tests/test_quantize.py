@@ -93,6 +93,29 @@ def test_quantize_writes_a_checked_qdq_model(vit_onnx, data, tmp_path):
     assert "PASS" in str(report) and "agreement" in str(report)
 
 
+def test_for_tensorrt_is_what_the_engine_builds(vit_onnx, data, tmp_path):
+    """--for tensorrt: signed symmetric Q/DQ with float biases, which the engine's own check
+    (written against TensorRT's documented Q/DQ rules) accepts; the onnxruntime default
+    (U8 activations, asymmetric) is what it refuses."""
+    from ssf_deploy.engine import check_qdq_supported, qdq_info
+    from ssf_deploy.errors import SSFDeployError
+    out = str(tmp_path / "trt.int8.onnx")
+    report = quantize_onnx(vit_onnx, out, calib=data, min_agreement=0, latency_runs=0,
+                           target="tensorrt")
+    q = onnx.load(out)
+    info = qdq_info(q)
+    assert info["kind"] == "int8" and info["types"] == ["int8"] and not info["asymmetric"]
+    check_qdq_supported(info)
+    assert report.recipe["activation_type"] == "s8" and report.recipe["QuantizeBias"] is False
+    assert report.recipe["reduce_range"] is False
+    default = quantize_onnx(vit_onnx, str(tmp_path / "ort.int8.onnx"), calib=data,
+                            min_agreement=0, latency_runs=0)
+    with pytest.raises(SSFDeployError, match="signed, symmetric"):
+        check_qdq_supported(qdq_info(onnx.load(default.written)))
+    with pytest.raises(UsageError, match="cannot be built by TensorRT"):
+        quantize_onnx(vit_onnx, None, calib=data, target="tensorrt", activation_type="u8")
+
+
 def test_quantized_outputs_track_fp32(vit_onnx, data):
     """fp32 under the report equals a plain onnxruntime run; int8 is close to it."""
     import onnxruntime as ort

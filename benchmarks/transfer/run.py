@@ -264,44 +264,45 @@ def int8_check(checkpoint: str, weights: str, data: str) -> dict:
 
 
 def fused_check(checkpoint: str, weights: str, data: str, train_top1: float, cache: str) -> dict:
-    """Re-read the checkpoint, fuse, export ONNX, compare top-1 and logits on the whole val set."""
+    """Deploy the checkpoint through the library's own pipeline (``ssf_deploy.deploy``: golden
+    probe, fuse, verify, export, onnxruntime check), then score the written ONNX against the
+    unfused model on the whole val set: top-1 and every prediction must be the same."""
     import torch
+    from ssf_deploy import deploy
+    from ssf_deploy.export import OrtRunner
     from ssf_deploy.formats import build_model, read_task
-    from ssf_deploy.export import OrtRunner, export_onnx
-    from ssf_deploy.fuse import fuse_with_report
-    from ssf_deploy.models import count_params
 
     t0 = time.perf_counter()
-    model = build_model(read_task(checkpoint), base_weights=weights).eval()
+    task = read_task(checkpoint)
+    model = build_model(task, base_weights=weights).eval()
     example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    fused, report = fuse_with_report(model, example)
     path = os.path.splitext(checkpoint)[0] + "-fused.onnx"
-    info = export_onnx(fused, path, example=example[:1])
+    rep = deploy(model, [example], out=path, dynamic_batch=True, compare_graph="always",
+                 onnx_metadata={"arch": task.arch})
     ort = OrtRunner(path)
-    loader = _val_loader(data, model)
-    n = agree = c_unf = c_fus = c_onnx = 0
-    diff_torch = diff_onnx = 0.0
+    n = agree = c_unf = c_onnx = 0
+    diff_onnx = 0.0
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in _val_loader(data, model):
             a = model(x)
-            b = fused(x)
             o = ort(x)[0]
-            pa, pb, po = a.argmax(-1), b.argmax(-1), o.argmax(-1)
+            pa, po = a.argmax(-1), o.argmax(-1)
             c_unf += int((pa == y).sum())
-            c_fus += int((pb == y).sum())
             c_onnx += int((po == y).sum())
             agree += int((pa == po).sum())
             n += int(y.numel())
-            diff_torch = max(diff_torch, float((a - b).abs().max()))
             diff_onnx = max(diff_onnx, float((a - o).abs().max()))
-    unfused = 100.0 * c_unf / n
-    return {"images": n, "top1_unfused": unfused, "top1_fused_torch": 100.0 * c_fus / n,
+    torch_check = next(c for c in rep.checks if c.candidate == "fused (PyTorch)"
+                       and c.reference.startswith("unfused"))
+    return {"images": n, "top1_unfused": 100.0 * c_unf / n,
             "top1_fused_onnx": 100.0 * c_onnx / n, "top1_reported_by_train": train_top1,
-            "predictions_differing": n - agree, "max_abs_logit_diff_fused_torch": diff_torch,
+            "predictions_differing": n - agree,
+            "max_abs_logit_diff_fused_torch": max(o.max_abs for o in torch_check.outputs),
             "max_abs_logit_diff_onnx": diff_onnx, "equal_top1": c_onnx == c_unf,
-            "same_predictions": agree == n, "folded_sites": report.as_dict()["folded"],
-            "fused_graph_is_base": not report.added,
-            "fused_params": count_params(fused)[1], "onnx_nodes": info["nodes"],
+            "same_predictions": agree == n, "deploy_passed": rep.passed,
+            "deploy_anchor": rep.anchor, "folded_sites": rep.fuse.as_dict()["folded"],
+            "fused_graph_is_base": bool(rep.onnx and rep.onnx["same_graph_as_base"]),
+            "onnx_nodes": rep.onnx["fused"]["nodes"] if rep.onnx else None,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -475,15 +476,17 @@ def write_markdown(res: dict, path: str) -> None:
     checks = [r for r in res["runs"] if "fused_onnx" in r]
     if checks:
         lines += ["", "## Fused ONNX vs unfused (SSF runs)", "",
-                  "| Backbone | Seed | Unfused top-1 | Fused torch top-1 | Fused ONNX top-1 | "
-                  "Differing predictions | max abs logit diff (ONNX) | Equal |",
+                  "| Backbone | Seed | Unfused top-1 | Fused ONNX top-1 | Differing predictions | "
+                  "max abs logit diff (torch / ONNX) | deploy() | Equal |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in checks:
             f = r["fused_onnx"]
             lines.append(f"| {r['arch']} | {r['seed']} | {f['top1_unfused']:.2f} | "
-                         f"{f['top1_fused_torch']:.2f} | {f['top1_fused_onnx']:.2f} | "
+                         f"{f['top1_fused_onnx']:.2f} | "
                          f"{f['predictions_differing']} / {f['images']} | "
-                         f"{f['max_abs_logit_diff_onnx']:.2e} | {f['equal_top1']} |")
+                         f"{f['max_abs_logit_diff_fused_torch']:.2e} / "
+                         f"{f['max_abs_logit_diff_onnx']:.2e} | "
+                         f"{'PASS' if f['deploy_passed'] else 'FAIL'} | {f['equal_top1']} |")
     lines += _int8_markdown(res)
     lines += ["", "Per-run numbers (every seed, per-epoch curves, timings): `results.json`.", ""]
     with open(path, "w") as f:
@@ -562,7 +565,8 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def main(argv: Optional[list] = None) -> dict:
+def _parse(argv: Optional[list]):
+    """Arguments, the protocol and the chosen backbones/methods; unknown names are refused."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--cache", default=None,
@@ -583,49 +587,44 @@ def main(argv: Optional[list] = None) -> dict:
         p["seeds"] = tuple(int(v) for v in args.seeds.split(","))
     if args.epochs:
         p["epochs"] = args.epochs
-    backbones = args.backbones.split(",") if args.backbones else list(BACKBONES)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    for b in backbones:
+    args.backbones = args.backbones.split(",") if args.backbones else list(BACKBONES)
+    args.methods = args.methods.split(",") if args.methods else list(METHODS)
+    for b in args.backbones:
         if b not in BACKBONES:
             ap.error(f"unknown backbone {b!r}")
-    for m in methods:
+    for m in args.methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}")
-    out = os.path.abspath(args.out)
-    cache = os.path.abspath(args.cache or (os.path.join(out, "cache") if args.quick
-                                           else os.path.join(REPO, "models", "transfer")))
-    os.makedirs(out, exist_ok=True)
-    os.makedirs(os.path.join(cache, "runs"), exist_ok=True)
-    t_start = time.perf_counter()
+    args.out = os.path.abspath(args.out)
+    args.cache = os.path.abspath(args.cache or (os.path.join(args.out, "cache") if args.quick
+                                                else os.path.join(REPO, "models", "transfer")))
+    return args, p
 
-    from ssf_deploy.data import builtin_dataset
-    upstream = builtin_dataset(os.path.join(cache, "shapes"), size=IMAGE_SIZE,
-                               train_per_class=p["upstream_train"],
-                               val_per_class=p["upstream_val"], seed=0)
-    downstream = digits_dataset(os.path.join(cache, "digits-dev" if args.lr_sweep else "digits"),
-                                train_per_class=p["digits_train_per_class"], dev=args.lr_sweep)
-    print(f"data ready in {time.perf_counter() - t_start:.0f}s: upstream {count_images(upstream)}, "
-          f"downstream {count_images(downstream)}", flush=True)
 
+def _finetune_calls(args, p: dict, downstream: str, weights: dict) -> list:
+    """One (job, args) per fine-tuning run: every method x seed (x lr for the sweep)."""
+    calls = []
+    for b in args.backbones:
+        for m in args.methods:
+            if b != "vit" and m in TOKEN_ONLY:
+                continue       # ConvNeXt has no token sequence: n/a, as in the paper's Table 5
+            lrs = SWEEP.get(m, SWEEP_DEFAULT) if args.lr_sweep else (LRS[b][m],)
+            for lr in lrs:
+                for seed in p["seeds"]:
+                    calls.append((finetune_job, (b, m, seed, lr, downstream, weights[b],
+                                                 args.cache, p,
+                                                 not args.lr_sweep and m in FUSABLE)))
+    return calls
+
+
+def _train_all(args, p: dict, upstream: str, downstream: str) -> tuple[list, list]:
+    """Pre-train every backbone, then fine-tune every run, ``--jobs`` side by side."""
     pool = _pool(args.jobs)
     try:
-        pre = _run_all(pool, [(pretrain_job, (b, upstream, cache, p)) for b in backbones])
+        pre = _run_all(pool, [(pretrain_job, (b, upstream, args.cache, p))
+                              for b in args.backbones])
         weights = {r["backbone"]: r.pop("_weights_abs") for r in pre}
-        calls = []
-        for b in backbones:
-            for m in methods:
-                if b != "vit" and m in TOKEN_ONLY:
-                    continue       # ConvNeXt has no token sequence: n/a, as in the paper's Table 5
-                if args.lr_sweep:
-                    for lr in SWEEP.get(m, SWEEP_DEFAULT):
-                        for seed in p["seeds"]:
-                            calls.append((finetune_job, (b, m, seed, lr, downstream, weights[b],
-                                                         cache, p, False)))
-                else:
-                    lr = LRS[b][m]
-                    for seed in p["seeds"]:
-                        calls.append((finetune_job, (b, m, seed, lr, downstream, weights[b],
-                                                     cache, p, m in FUSABLE)))
+        calls = _finetune_calls(args, p, downstream, weights)
         # longest first keeps both workers busy to the end
         order = sorted(range(len(calls)), key=lambda i: (calls[i][1][1] == "linear",
                                                          calls[i][1][0] != "vit"))
@@ -636,13 +635,16 @@ def main(argv: Optional[list] = None) -> dict:
     finally:
         if pool is not None:
             pool.shutdown()
-    runtime = time.perf_counter() - t_start
+    return pre, runs
 
+
+def _meta(args, p: dict, upstream: str, downstream: str, runtime: float) -> dict:
+    out = args.out
     shown = os.path.relpath(out, REPO) if out.startswith(REPO + os.sep) else out
     cmd = "python benchmarks/transfer/run.py --out " + shown \
         + (" --quick" if args.quick else "") + (" --lr-sweep" if args.lr_sweep else "") \
         + (f" --jobs {args.jobs}" if args.jobs != 2 else "")
-    meta = {"schema": SCHEMA, "command": cmd, "quick": args.quick, "lr_sweep": args.lr_sweep,
+    return {"schema": SCHEMA, "command": cmd, "quick": args.quick, "lr_sweep": args.lr_sweep,
             "runtime_s": round(runtime, 1), "jobs": args.jobs,
             "cpu": f"{os.cpu_count()} CPU cores, 1 thread per run", "versions": _versions(),
             "upstream": {"name": "built-in shapes (ssf_deploy.data.builtin_dataset)",
@@ -656,18 +658,22 @@ def main(argv: Optional[list] = None) -> dict:
             "method_options": METHOD_OPTIONS, "image_size": IMAGE_SIZE,
             "downstream_crop_scale": list(DIGITS_CROP),
             "backbones": {b: {"arch": BACKBONES[b][0], "model_kwargs": BACKBONES[b][1]}
-                          for b in backbones}}
+                          for b in args.backbones}}
+
+
+def _write_results(args, meta: dict, pre: list, runs: list) -> dict:
+    out = args.out
+    pretrain = {r["backbone"]: r for r in pre}
     if args.lr_sweep:
-        res = sweep_summary(runs, backbones, methods)
-        res = {"meta": meta, "pretrain": {r["backbone"]: r for r in pre}, "runs": runs,
-               "best_lr": res}
+        res = {"meta": meta, "pretrain": pretrain, "runs": runs,
+               "best_lr": sweep_summary(runs, args.backbones, args.methods)}
         with open(os.path.join(out, "lr_sweep.json"), "w") as f:
             json.dump(res, f, indent=1)
         write_sweep_md(res, os.path.join(out, "lr_sweep.md"))
         print(json.dumps(res["best_lr"], indent=1))
         return res
-    summary = summarize(runs, backbones, methods)
-    res = {"meta": meta, "methods": methods, "pretrain": {r["backbone"]: r for r in pre},
+    summary = summarize(runs, args.backbones, args.methods)
+    res = {"meta": meta, "methods": args.methods, "pretrain": pretrain,
            "summary": summary, "ordering": ordering(summary), "runs": runs,
            "fused_onnx_all_equal": all(r["fused_onnx"]["equal_top1"] for r in runs
                                        if "fused_onnx" in r)}
@@ -676,7 +682,29 @@ def main(argv: Optional[list] = None) -> dict:
     write_markdown(res, os.path.join(out, "results.md"))
     write_plot(res, os.path.join(out, "accuracy_vs_params.png"))
     print(open(os.path.join(out, "results.md")).read())
-    print(f"total {runtime:.0f}s -> {out}")
+    return res
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args, p = _parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.join(args.cache, "runs"), exist_ok=True)
+    t_start = time.perf_counter()
+
+    from ssf_deploy.data import builtin_dataset
+    upstream = builtin_dataset(os.path.join(args.cache, "shapes"), size=IMAGE_SIZE,
+                               train_per_class=p["upstream_train"],
+                               val_per_class=p["upstream_val"], seed=0)
+    downstream = digits_dataset(os.path.join(args.cache, "digits-dev" if args.lr_sweep
+                                             else "digits"),
+                                train_per_class=p["digits_train_per_class"], dev=args.lr_sweep)
+    print(f"data ready in {time.perf_counter() - t_start:.0f}s: upstream {count_images(upstream)}, "
+          f"downstream {count_images(downstream)}", flush=True)
+
+    pre, runs = _train_all(args, p, upstream, downstream)
+    runtime = time.perf_counter() - t_start
+    res = _write_results(args, _meta(args, p, upstream, downstream, runtime), pre, runs)
+    print(f"total {runtime:.0f}s -> {args.out}")
     return res
 
 

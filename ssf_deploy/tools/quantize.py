@@ -29,8 +29,13 @@ def _csv(value: str | None) -> tuple:
               default="minmax", show_default=True, help="Calibration method.")
 @click.option("--percentile", default=99.999, show_default=True, type=float,
               help="Percentile for --method percentile.")
-@click.option("--activation-type", type=click.Choice(["u8", "s8"]), default="u8",
-              show_default=True)
+@click.option("--for", "target", type=click.Choice(["onnxruntime", "tensorrt"]),
+              default="onnxruntime", show_default=True,
+              help="Runtime the INT8 model is for. tensorrt: signed symmetric INT8 with float "
+                   "biases, which `ssf-deploy engine model.int8.onnx` builds; onnxruntime: U8 "
+                   "activations, fastest on its CPU kernels.")
+@click.option("--activation-type", type=click.Choice(["u8", "s8"]), default=None,
+              help="Default: u8 for onnxruntime, s8 for tensorrt.")
 @click.option("--weight-type", type=click.Choice(["u8", "s8"]), default="s8", show_default=True)
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weights (default: per channel).")
 @click.option("--reduce-range/--no-reduce-range", default=None,
@@ -59,7 +64,7 @@ def _csv(value: str | None) -> tuple:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No per-stage progress on stderr.")
-def quantize(model, calib, out, val, method, percentile, activation_type, weight_type, per_tensor,
+def quantize(model, calib, out, val, method, percentile, target, activation_type, weight_type, per_tensor,
              reduce_range, op_types, keep_float, exclude_nodes, exclude_op_types, calib_images,
              eval_images, val_images,
              min_agreement, arch, image_size, latency_runs, latency_batch, threads, seed,
@@ -71,7 +76,7 @@ def quantize(model, calib, out, val, method, percentile, activation_type, weight
     if out and not out.endswith(".onnx"):
         raise UsageError(f"--out must end with .onnx: {out}")
     check_writable(out)   # before calibration: a bad --out costs nothing
-    cfg = QuantizeConfig(calib=calib, val=val, method=method, percentile=percentile,
+    cfg = QuantizeConfig(calib=calib, val=val, method=method, percentile=percentile, target=target,
                          activation_type=activation_type, weight_type=weight_type,
                          per_channel=not per_tensor, reduce_range=reduce_range,
                          op_types=_csv(op_types), keep_float=keep_float,
