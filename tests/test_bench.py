@@ -225,6 +225,14 @@ def test_noise_warnings_name_the_busy_machine_and_the_noisy_row():
     assert "ssf-fused: inference times spread 1960%" in text and "--repeat" in text
     just_ended = dict(quiet, loadavg_start=[1.8, 1, 1])
     assert "work that had just ended" in "\n".join(noise_warnings(just_ended))
+    # a row whose inference is base's copies base's spread: warned once, under base
+    copied = dict(quiet, results=[{"method": "base", "infer_spread": 0.3},
+                                  {"method": "full", "infer_spread": 0.3,
+                                   "infer_same_as": "base"}])
+    w = noise_warnings(copied)
+    assert [x.split(":")[0] for x in w if "spread" in x] == ["base"]
+    assert "--repeat 3" in w[-1]
+    assert "--repeat above 3" in noise_warnings(dict(copied, repeat=3))[-1]
 
 
 def test_a_long_cpu_run_says_how_long_and_how_to_shorten_it(monkeypatch):
@@ -238,8 +246,13 @@ def test_a_long_cpu_run_says_how_long_and_how_to_shorten_it(monkeypatch):
     buf = io.StringIO()
     B.run_bench(tiny_cfg(iters=1), ["base", "full", "frozen"], isolate=False, stream=buf)
     text = buf.getvalue()
-    assert "roughly 10m00s" in text and "--model vit_small_patch16_224" in text
+    assert "roughly 10m00s" in text and run.shorter_run_hint("test_vit") in text
     assert "--batch-size" in text and "--iters" in text
+    # a smaller model is suggested only where there is one
+    assert "--model vit_small_patch16_224 or vit_tiny_patch16_224" in \
+        run.shorter_run_hint("vit_base_patch16_224")
+    assert "(--model vit_tiny_patch16_224)" in run.shorter_run_hint("vit_small_patch16_224")
+    assert "--model" not in run.shorter_run_hint("vit_tiny_patch16_224")
 
 
 def test_onnxruntime_on_cuda_needs_the_cuda_provider(monkeypatch):

@@ -109,10 +109,15 @@ def noise_warnings(report: dict) -> list[str]:
                    f"(> {limit:g}); timings are not trustworthy")
     for r in report["results"]:
         for key, label in (("train_step_spread", "train step"), ("infer_spread", "inference")):
+            if key == "infer_spread" and r.get("infer_same_as"):
+                continue      # base's own numbers, already warned about under base
             s = r.get(key)
             if s is not None and s > SPREAD_WARN:
                 out.append(f"{r['method']}: {label} times spread {100 * s:.0f}% "
                            f"(max-min over median; > {100 * SPREAD_WARN:.0f}%)")
     if any("just ended" not in w for w in out):
-        out.append("rerun on a quiet machine, with --repeat 3 to interleave the rows")
+        repeat = int(report.get("repeat") or 1)
+        out.append("rerun on a quiet machine, with --repeat 3 to interleave the rows" if repeat < 3
+                   else f"rerun on a quiet machine, or with more --iters / a --repeat above "
+                        f"{repeat}")
     return out

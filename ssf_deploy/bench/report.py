@@ -27,7 +27,8 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def _x(v, ref) -> str:
-    return "" if v is None or not ref else f"{v / ref:.2f}x"
+    # below 1 (ms or MB) a reference is measurement noise, not a scale: no ratio
+    return "" if v is None or not ref or abs(ref) < 1 else f"{v / ref:.2f}x"
 
 
 def ssf_sites_summary(sites: list[dict]) -> str:

@@ -84,6 +84,19 @@ def _finish_times(r: dict) -> None:
         r[("train_step" if prefix == "train_step_ms" else "infer") + "_spread"] = spread(flat)
 
 
+# ViTs from large to small: what a long CPU run suggests instead
+SMALLER_VITS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224")
+
+
+def shorter_run_hint(arch: str) -> str:
+    """What to change for a quicker CPU run (a smaller ViT only where there is one)."""
+    smaller = SMALLER_VITS[SMALLER_VITS.index(arch) + 1:] if arch in SMALLER_VITS else ()
+    model = (f"a smaller model (--model {' or '.join(smaller)}), " if smaller else
+             "" if arch in SMALLER_VITS else "a smaller model, ")
+    return (f"note: that is long for a CPU. For a quicker run pick {model}a smaller --batch-size "
+            f"(e.g. 4), fewer --iters (e.g. 2), or fewer rows (--method M)")
+
+
 def run_bench(cfg: BenchConfig, rows: list[str], *, isolate: Optional[bool] = None,
               progress: bool = True, repeat: int = 1, stream=None) -> dict:
     """Measure ``rows``; on CPU every pass runs in a fresh subprocess unless ``isolate=False``."""
@@ -102,9 +115,7 @@ def run_bench(cfg: BenchConfig, rows: list[str], *, isolate: Optional[bool] = No
               f"load average {load0[0]:.2f}, other processes using "
               f"{'?' if now0 is None else format(now0, '.2f')} of {cores()} cores now")
     if estimate and estimate > LONG_RUN_S:
-        prog.note(f"note: that is long for a CPU. For a quicker run pick a smaller model "
-                  f"(--model vit_small_patch16_224, or vit_tiny_patch16_224), a smaller "
-                  f"--batch-size (e.g. 4), fewer --iters (e.g. 2), or fewer rows (--method M)")
+        prog.note(shorter_run_hint(cfg.arch))
     if (now0 if now0 is not None else load0[0]) > busy_threshold():
         prog.note(f"warning: the machine is busy (other processes use "
                   f"{'?' if now0 is None else format(now0, '.2f')} cores, load average "
