@@ -69,3 +69,13 @@ def tmp_models(tmp_path):
     d = tmp_path / "models"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: one thread avoids OpenMP spin contention. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

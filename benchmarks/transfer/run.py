@@ -231,13 +231,20 @@ def finetune_job(backbone: str, method: str, seed: int, lr: float, data: str, we
            "seconds": round(seconds, 1)}
     if check_fused:
         row["fused_onnx"] = fused_check(res.checkpoint, weights, data, res.top1, cache)
-    row["int8"] = int8_check(res.checkpoint, weights, data)
+    row["int8"] = int8_check(res.checkpoint, weights, data, fused=row.get("fused_onnx"))
     return row
 
 
-def int8_check(checkpoint: str, weights: str, data: str) -> dict:
+def _fused_onnx_path(checkpoint: str) -> str:
+    return os.path.splitext(checkpoint)[0] + "-fused.onnx"
+
+
+def int8_check(checkpoint: str, weights: str, data: str, fused: Optional[dict] = None) -> dict:
     """INT8 (``ssf_deploy.quantize``, default recipe) of the deployable model: SSF fused, every
-    other method exported as it runs; calibrated on 64 training digits, top-1 on all test digits."""
+    other method exported as it runs; calibrated on 64 training digits, top-1 on all test digits.
+
+    ``fused``: :func:`fused_check`'s result for this checkpoint; its checked ONNX is quantized
+    instead of fusing and exporting the same model a second time."""
     import torch
     from ssf_deploy.export import export_onnx
     from ssf_deploy.formats import build_model, read_task
@@ -246,16 +253,20 @@ def int8_check(checkpoint: str, weights: str, data: str) -> dict:
 
     t0 = time.perf_counter()
     task = read_task(checkpoint)
-    model = build_model(task, base_weights=weights).eval()
-    example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    if task.method == "ssf":
-        model = fuse(model, example)
-    path = os.path.splitext(checkpoint)[0] + "-int8-src.onnx"
-    info = export_onnx(model, path, example=example[:1], dynamic_batch=True,
-                       metadata={"arch": task.arch})
+    if fused is not None:
+        path, nodes = _fused_onnx_path(checkpoint), fused["onnx_nodes"]
+    else:
+        model = build_model(task, base_weights=weights).eval()
+        example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE,
+                              generator=torch.Generator().manual_seed(0))
+        if task.method == "ssf":
+            model = fuse(model, example)
+        path = os.path.splitext(checkpoint)[0] + "-int8-src.onnx"
+        nodes = export_onnx(model, path, example=example[:1], dynamic_batch=True,
+                            metadata={"arch": task.arch})["nodes"]
     q = quantize_onnx(path, os.path.splitext(checkpoint)[0] + ".int8.onnx", calib=data, val=data,
                       min_agreement=0.0, latency_runs=0, eval_images=10_000, threads=1)
-    return {"graph": "fused" if task.method == "ssf" else "as trained", "onnx_nodes": info["nodes"],
+    return {"graph": "fused" if task.method == "ssf" else "as trained", "onnx_nodes": nodes,
             "int8_nodes": q.nodes["int8"], "calibration_images": q.calibration["images"],
             "images": q.val["images"], "top1_fp32_onnx": q.val["top1_fp32"],
             "top1_int8": q.val["top1_int8"], "top1_drop": q.val["top1_drop"],
@@ -276,7 +287,7 @@ def fused_check(checkpoint: str, weights: str, data: str, train_top1: float, cac
     task = read_task(checkpoint)
     model = build_model(task, base_weights=weights).eval()
     example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    path = os.path.splitext(checkpoint)[0] + "-fused.onnx"
+    path = _fused_onnx_path(checkpoint)
     rep = deploy(model, [example], out=path, dynamic_batch=True, compare_graph="always",
                  onnx_metadata={"arch": task.arch})
     ort = OrtRunner(path)
