@@ -296,3 +296,24 @@ def test_cli_bundle_show_add_remove_verify(vit, tmp_path):
     assert "two tasks are named 'x'" in r.stderr and not (tmp_path / "d.onnx").exists()
     r = _cli("bundle", "--into", out, "--remove", "zzz")
     assert r.returncode == 2 and "no task named 'zzz'" in r.stderr
+
+
+def test_materialized_for_tensorrt_is_the_same_model(vit):
+    """What TensorRT builds from: one table initializer (spare slots for later tasks) and the
+    backbone inline; onnxruntime gives the same outputs as the bundle itself."""
+    import onnxruntime as ort
+    from ssf_deploy.bundle.files import materialize
+    proto = materialize(vit["out"], capacity=6)
+    table = next(t for t in proto.graph.initializer if t.name == "bundle.table")
+    assert list(table.dims)[0] == 6
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9)).numpy()
+    task = np.array([0, 2, 1, 5, -3], dtype=np.int64)     # 5: a spare slot, -3: out of range
+    got = sess.run(None, {"images": x, "task": task})[0]
+    want = BundleRunner(vit["out"])(x, task)
+    np.testing.assert_array_equal(got[:3], want[:3])
+    assert np.isnan(got[3:]).all() and np.isnan(want[3:]).all()
+    with pytest.raises(UsageError, match="capacity 2 is below"):
+        materialize(vit["out"], capacity=2)

@@ -424,8 +424,13 @@ def bundle(tasks: Sequence[TaskLike], *, out: str, names: Optional[Sequence[str]
            base_weights: Optional[str] = None, pretrained: bool = False,
            max_classes: Optional[int] = None, atol: float = DEFAULT_ATOL,
            rtol: float = DEFAULT_RTOL, opset: int = 17, batch_size: int = 32,
-           check_fused: Union[bool, int] = True, progress: Progress = None) -> BundleReport:
+           check_fused: Union[bool, int] = True, fold_bias: bool = True,
+           progress: Progress = None) -> BundleReport:
     """Build one bundle from SSF task packs (paths or :class:`~ssf_deploy.formats.Task`).
+
+    ``check_fused``: compare every task (``True``), none, or a fixed sample of K with its own
+    fused model (every task is always compared with its recorded outputs). ``fold_bias=False``
+    builds the naive layout (factors on top of every producer's bias), for measurement only.
 
     Every task must share the base (recorded hash), architecture, model kwargs, image size and
     SSF sites; names must be unique (the pack's name, else its file stem, or ``names``).
@@ -455,7 +460,7 @@ def bundle(tasks: Sequence[TaskLike], *, out: str, names: Optional[Sequence[str]
     if cmax < max(e.num_classes for e in entries):
         raise UsageError(f"max_classes {cmax} is below the largest task's "
                          f"{max(e.num_classes for e in entries)} classes")
-    layout = layout_for(tuned, first.state, cmax)
+    layout = layout_for(tuned, first.state, cmax, fold_bias=fold_bias)
     _check_layout(entries, layout)
     chw = tuple(int(v) for v in checked_probe_inputs(first.probe).shape[1:])
     with _Stage(report, "rows", progress):

@@ -327,3 +327,37 @@ def commit(stage: str, files: dict, out: str) -> list[str]:
             os.replace(src, tmp)
             written.append(dst)
     return written
+
+
+def materialize(path: str, capacity: Optional[int] = None) -> onnx.ModelProto:
+    """The bundle as ONE self-contained graph: the row Concat replaced by a single
+    ``bundle.table`` initializer ``[capacity, width]`` (rows by index, zero rows for removed and
+    spare slots) and the backbone inline. What TensorRT builds from: its parser takes the table
+    as one weight, and a refittable engine can take new rows in a spare slot by refitting that
+    one weight (same shape), without a rebuild.
+    """
+    proto, meta = read_graph(path)
+    rows = rows_of(path, meta)
+    width = int(meta["layout"]["width"])
+    slots = int(meta["next_index"])
+    capacity = slots if capacity is None else int(capacity)
+    if capacity < slots:
+        raise UsageError(f"capacity {capacity} is below the bundle's {slots} task slots")
+    table = np.zeros((capacity, width), dtype=np.float32)
+    for i, row in rows.items():
+        table[i] = row
+    folder = os.path.dirname(os.path.abspath(path))
+    onnx.external_data_helper.load_external_data_for_model(proto, folder)
+    g = proto.graph
+    nodes = [n for n in g.node if n.name not in ("bundle.rows", FREE_ROW)]
+    del g.node[:]
+    g.node.extend(nodes)
+    inits = [t for t in g.initializer if not t.name.startswith("bundle.row.")
+             and t.name != FREE_ROW + ".shape"]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    g.initializer.append(numpy_helper.from_array(table, TABLE))
+    for t in g.initializer:
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+    return proto

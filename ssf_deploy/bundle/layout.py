@@ -104,9 +104,11 @@ def task_keys(state: dict) -> list:
     return [k for k in state if not k.endswith(_IGNORED)]
 
 
-def layout_for(model: nn.Module, state: dict, max_classes: int) -> Layout:
+def layout_for(model: nn.Module, state: dict, max_classes: int, *,
+               fold_bias: bool = True) -> Layout:
     """The row layout for tasks with the keys of ``state`` on ``model``'s architecture (only its
-    structure and frozen constants are read)."""
+    structure and frozen constants are read). ``fold_bias=False`` keeps every producer's bias in
+    the backbone and applies the factors on top (the naive layout, kept for measurement)."""
     head_name, head = _classifier(model)
     head_keys = (f"{head_name}.weight", f"{head_name}.bias")
     by_name = {s.name: s for s in find_sites(model, bias_free=True)}
@@ -136,7 +138,7 @@ def layout_for(model: nn.Module, state: dict, max_classes: int) -> Layout:
                     {"mean", "var"} <= owners[name] and m.track_running_stats):
                 raise UsageError(f"'{name}' carries BatchNorm statistics the bundle cannot apply")
             slot.kind, slot.eps = "bn", float(m.eps)
-        elif type(m) in _STRIPPABLE and getattr(m, "bias", None) is not None \
+        elif fold_bias and type(m) in _STRIPPABLE and getattr(m, "bias", None) is not None \
                 and not site.before_act:
             slot.kind = "linear"
         for part in PARTS:
