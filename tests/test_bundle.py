@@ -313,7 +313,10 @@ def test_materialized_for_tensorrt_is_the_same_model(vit):
     task = np.array([0, 2, 1, 5, -3], dtype=np.int64)     # 5: a spare slot, -3: out of range
     got = sess.run(None, {"images": x, "task": task})[0]
     want = BundleRunner(vit["out"])(x, task)
-    np.testing.assert_array_equal(got[:3], want[:3])
+    # the same maths; the per-sample LayerNorm affine runs as Mul + Add there (float rounding)
+    np.testing.assert_allclose(got[:3], want[:3], atol=1e-5, rtol=1e-5)
+    assert sum(n.op_type == "LayerNormalization" and len(n.doc_string) > 0
+               for n in onnx.load(vit["out"], load_external_data=False).graph.node) > 0
     assert np.isnan(got[3:]).all() and np.isnan(want[3:]).all()
     with pytest.raises(UsageError, match="capacity 2 is below"):
         materialize(vit["out"], capacity=2)
