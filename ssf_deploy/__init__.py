@@ -17,6 +17,7 @@ except ImportError:   # the package copied without its launcher: plain Python be
 if _launcher is not None and _launcher.cli_module_being_run():
     _launcher.guard()   # released by the launcher's main() once the CLI is imported
 
+from .bundle import BundleReport, BundleRunner, add_tasks, bundle, remove_tasks, task_table, verify_bundle  # noqa: E402
 from .deploy import DeployReport, deploy  # noqa: E402
 from .errors import (BaseMismatchError, CheckpointError, FuseError, SSFDeployError, UsageError,
                      VerificationError)
@@ -35,4 +36,5 @@ __all__ = ["SSFDeployError", "UsageError", "CheckpointError", "BaseMismatchError
            "method_of", "trainable_state_dict", "load_trainable_state", "fuse",
            "fuse_with_report", "FuseReport", "verify", "compare", "VerifyReport", "deploy",
            "DeployReport", "Task", "read_task", "build_model", "save_task", "quantize_onnx",
-           "QuantizeConfig", "QuantizeReport"]
+           "QuantizeConfig", "QuantizeReport", "bundle", "add_tasks", "remove_tasks",
+           "verify_bundle", "task_table", "BundleReport", "BundleRunner"]

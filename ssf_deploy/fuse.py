@@ -34,7 +34,7 @@ from .layers.scale_shift import ssf_mode
 from .models import creation_record, example_input
 from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "fuse_with_report", "FuseReport", "Fold"]
+__all__ = ["fuse", "fuse_with_report", "fuse_many", "FuseReport", "Fold"]
 
 aten = torch.ops.aten
 _SSF = torch.ops.ssf_deploy.scale_shift.default
@@ -463,8 +463,30 @@ def _same_factors(a, b) -> bool:
     return ga.shape == gb.shape and torch.equal(ga, gb) and torch.equal(ba, bb)
 
 
-def _fold(model, state, example, report: FuseReport) -> dict:
+def fuse_many(model: nn.Module, states, example: Optional[torch.Tensor] = None):
+    """Fuse several tasks of one tuned architecture with ONE trace: yields ``(fused, report)``
+    for each full state dict in ``states`` (``model``'s keys, another task's values).
+
+    What each fold does depends only on the graph and on the values it reads, so the trace is
+    shared; a bundle's exactness gate fuses every task this way.
+    """
+    meta = method_of(model)
+    if meta is None or meta["method"] != "ssf":
+        raise FuseError("fuse_many folds SSF tasks: the model must carry method 'ssf'")
     ep = _trace(model, example)
+    for st in states:
+        report = FuseReport()
+        state = {k: v.detach().cpu() for k, v in st.items()}
+        state = {k: v for k, v in _fold_traced(ep, state, report).items()
+                 if not k.endswith(_SSF_KEYS)}
+        yield _build_base(model, state, report).eval(), report
+
+
+def _fold(model, state, example, report: FuseReport) -> dict:
+    return _fold_traced(_trace(model, example), state, report)
+
+
+def _fold_traced(ep, state, report: FuseReport) -> dict:
     folder = _Folder(state, ep, report)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is _SSF]
     producers = {node: _walk_back(node.args[0], node.args[3])[0] for node in nodes}

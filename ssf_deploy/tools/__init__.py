@@ -26,6 +26,7 @@ TOOLS = {
     "export": ("export", "export", "Export the plain base model to ONNX with the same settings."),
     "engine": ("engine", "engine", "Build a TensorRT engine from ONNX and check it."),
     "refit": ("refit", "refit", "Refit a TensorRT engine / ONNX Runtime session with a task pack."),
+    "bundle": ("bundle", "bundle", "Put N SSF tasks in one model serving mixed-task batches."),
     "quantize": ("quantize", "quantize", "Static INT8 (onnxruntime QDQ), checked against fp32."),
     "bench": ("bench", "bench", "Benchmark cost of every tuning method (Fig. 3, Table 2)."),
 }

@@ -1,5 +1,7 @@
 """``ssf-deploy verify``: the CI gate. Exit 0 only when the deployed model is the trained one.
 
+``verify tasks.onnx`` on a task bundle re-runs its exactness gate (every task, mixed batches).
+
 Every candidate (fused PyTorch, optionally an ONNX file) is compared with two references: the
 unfused model rebuilt from the checkpoint, and — when the task recorded them at training — the
 golden probe outputs, which the rebuild itself must also reproduce. The base the rebuild uses is
@@ -54,6 +56,10 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     from ..fuse import fuse
 
     atol, rtol = resolve_tolerances(atol, rtol, fp16)
+    if ckpt and not pack and ckpt.endswith(".onnx"):
+        from ..bundle.files import is_bundle
+        if is_bundle(ckpt):
+            return _verify_bundle(ckpt, base_weights, pretrained, atol, rtol, as_json)
     task = load_task(ckpt, pack)
     model = tuned_model(task, arch, num_classes, base_weights, pretrained, allow_base_mismatch)
     inputs = make_inputs(inputs_spec, model, batch_size, image_size_for(task, image_size))
@@ -92,3 +98,16 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     if not ok:
         raise VerificationError(f"the deployed model does not match the trained one: "
                                 f"{'; '.join(failed)}")
+
+
+def _verify_bundle(path, base_weights, pretrained, atol, rtol, as_json):
+    """A bundle: every task's recorded outputs and own fused model, in mixed batches."""
+    from ..bundle import verify_bundle
+    try:
+        report = verify_bundle(path, base_weights=base_weights, pretrained=pretrained, atol=atol,
+                               rtol=rtol)
+    except VerificationError as e:
+        if e.report is not None:
+            emit(e.report.as_dict(), as_json, str(e.report))
+        raise
+    emit(report.as_dict(), as_json, str(report) + "\nPASS")
