@@ -178,6 +178,12 @@ def test_tasks_come_and_go_without_touching_the_backbone(vit, tmp_path):
     assert [(t["name"], t["index"]) for t in task_table(path)] == \
         [("vit1", 0), ("vit3", 2), ("late", 3)]
     assert not (work / row_location("tasks.onnx", 1)).exists()
+    # a removed or unknown index in a batch: NaN for that sample, the others as if alone
+    runner = BundleRunner(path)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    mixed = runner(x, np.array([0, 1, 99, 3]))
+    assert np.isnan(mixed[[1, 2]]).all() and np.isfinite(mixed[[0, 3]]).all()
+    np.testing.assert_array_equal(mixed[[0, 3]], runner(x, np.array([0, 0, 0, 3]))[[0, 3]])
     rep = update_bundle(path, add=[_task(str(tmp_path), "vit", vit["base"], 10, 5,
                                          name="later")[0]], base_weights=vit["base"])
     assert task_table(path)[-1] == {"name": "later", "index": 4, "num_classes": 5}

@@ -66,6 +66,7 @@ class Layout:
     max_classes: int = 0                        # logits columns (Cmax)
     head_weight: list = field(default_factory=list)   # [offset, D * Cmax]
     head_bias: list = field(default_factory=list)     # [offset, Cmax]
+    live: int = 0                               # offset of the row's "live task" flag (1.0)
     width: int = 0                              # floats per row
 
     def as_dict(self) -> dict:
@@ -151,7 +152,8 @@ def layout_for(model: nn.Module, state: dict, max_classes: int) -> Layout:
     layout.head_weight = [off, layout.features * layout.max_classes]
     off += layout.head_weight[1]
     layout.head_bias = [off, layout.max_classes]
-    layout.width = off + layout.max_classes
+    layout.live = off + layout.max_classes
+    layout.width = layout.live + 1
     return layout
 
 
@@ -173,6 +175,7 @@ def task_row(layout: Layout, state: dict) -> np.ndarray:
     row[o:o + n] = wt.reshape(-1)
     o, _ = layout.head_bias
     row[o:o + c] = b.numpy()
+    row[layout.live] = 1.0            # a removed task's slot reads a zero row: flag 0
     return row
 
 
@@ -351,9 +354,15 @@ class TaskBundleModule(nn.Module):
 
     def forward(self, images: torch.Tensor, task: torch.Tensor,
                 table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits; a sample whose task index is out of range or removed gets NaN logits, never
+        another task's, and never fails the rest of its batch."""
         table = self.table if table is None else table
-        self._rows.value = table[task]
+        inside = (task >= 0) & (task < table.shape[0])
+        rows = table[torch.where(inside, task, torch.zeros_like(task))]
+        self._rows.value = rows
         try:
-            return self.net(images)
+            logits = self.net(images)
         finally:
             self._rows.value = None
+        ok = inside & (rows[:, self.layout.live] > 0)
+        return torch.where(ok.unsqueeze(1), logits, torch.full_like(logits, float("nan")))
