@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import SSFDeployError
 from .rows import BenchConfig
 
 __all__ = ["Pass", "Progress", "estimate_costs", "fmt_seconds", "LONG_RUN_S"]
@@ -67,7 +68,8 @@ def _forward_flops(cfg: BenchConfig) -> Optional[float]:
         with torch.device("meta"):
             model = create_model(cfg)
             return float(count_flops(model, torch.empty(1, 3, image_size(cfg), image_size(cfg))))
-    except Exception:   # an estimate is optional: never fail a run over it
+    except (SSFDeployError, RuntimeError, TypeError, ValueError, NotImplementedError,
+            AssertionError):   # a model the meta device cannot count: no estimate, no failure
         return None
 
 

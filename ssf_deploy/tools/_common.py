@@ -29,7 +29,7 @@ def tuned_model(task: Task, arch, num_classes, base_weights, pretrained=False,
                 allow_base_mismatch=False):
     model = build_model(task, arch=arch, num_classes=num_classes, base_weights=base_weights,
                         pretrained=pretrained, allow_base_mismatch=allow_base_mismatch)
-    from ..deploy import anchor_of
+    from ..anchor import anchor_of
     anchor = anchor_of(model)
     if str(anchor.get("base_status", "")).endswith("overridden"):
         click.echo(f"WARNING: base {anchor['base']}; outputs are NOT anchored to the trained "
