@@ -600,10 +600,14 @@ def _fused_vit_onnx(tmp_path):
 # the real thing (GPU + TensorRT): benchmarks/run_gpu.sh runs these
 
 
-def _tasks(tmp_path, kw):
+def _tasks(tmp_path):
+    """A base, tasks A and B on it, B's pack and A's fused ONNX: (base, A, B, pack, onnx)."""
     from safetensors.torch import save_file
+    from ssf_deploy.formats.pack import save_pack
+    from ssf_deploy.fuse import fuse
     from ssf_deploy.models import create_base_model
     from ssf_deploy.tuners import apply_method
+    kw = {"img_size": 32, "patch_size": 8}
     torch.manual_seed(0)
     base = create_base_model("test_vit", 5, **kw)
     with torch.no_grad():
@@ -620,23 +624,21 @@ def _tasks(tmp_path, kw):
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.1)
         return m.eval()
-    return base_file, task(1), task(2)
+    A, B = task(1), task(2)
+    pack, onnx_path = str(tmp_path / "B.safetensors"), str(tmp_path / "vit.onnx")
+    save_pack(B, pack, model_kwargs=kw)
+    x = torch.randn(2, 3, 32, 32)
+    export_onnx(fuse(A, x), onnx_path, example=x[:1], dynamic_batch=True,
+                metadata={"arch": "test_vit", "num_classes": 5, "fused_from": "ssf"})
+    return base_file, A, B, pack, onnx_path
 
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_engine_build_run_and_refit(tmp_path, capsys):
     """The CLI: build a refittable engine from task A's ONNX, refit it to task B, compare, time."""
-    from ssf_deploy.formats.pack import save_pack
-    from ssf_deploy.fuse import fuse
-    kw = {"img_size": 32, "patch_size": 8}
-    base_file, A, B = _tasks(tmp_path, kw)
-    pack = str(tmp_path / "B.safetensors")
-    save_pack(B, pack, model_kwargs=kw)
-    onnx_path, plan = str(tmp_path / "vit.onnx"), str(tmp_path / "vit.plan")
-    x = torch.randn(2, 3, 32, 32)
-    export_onnx(fuse(A, x), onnx_path, example=x[:1], dynamic_batch=True,
-                metadata={"arch": "test_vit", "num_classes": 5, "fused_from": "ssf"})
+    base_file, A, B, pack, onnx_path = _tasks(tmp_path)
+    plan, x = str(tmp_path / "vit.plan"), torch.randn(2, 3, 32, 32)
     assert main(["engine", onnx_path, "--out", plan, "--refittable", "--max-batch", "8",
                  "--opt-batch", "4", "--iters", "5", "--timing-cache",
                  str(tmp_path / "tc.bin"), "--json"]) == 0
@@ -671,17 +673,9 @@ def test_engine_build_run_and_refit(tmp_path, capsys):
 @pytest.mark.tensorrt
 def test_engine_and_refit_from_python(tmp_path):
     """The library calls the CLI runs, from Python: build + check + write, then refit + check."""
-    from ssf_deploy.formats.pack import save_pack
-    from ssf_deploy.fuse import fuse
     from ssf_deploy.refit import refit_plan
-    kw = {"img_size": 32, "patch_size": 8}
-    base_file, A, B = _tasks(tmp_path, kw)
-    pack = str(tmp_path / "B.safetensors")
-    save_pack(B, pack, model_kwargs=kw)
-    onnx_path, plan = str(tmp_path / "vit.onnx"), str(tmp_path / "vit.plan")
-    x = torch.randn(4, 3, 32, 32)
-    export_onnx(fuse(A, x), onnx_path, example=x[:1], dynamic_batch=True,
-                metadata={"arch": "test_vit", "num_classes": 5, "fused_from": "ssf"})
+    base_file, A, B, pack, onnx_path = _tasks(tmp_path)
+    plan, x = str(tmp_path / "vit.plan"), torch.randn(4, 3, 32, 32)
     report = E.build_checked_engine(onnx_path, plan, refittable=True, opt_batch=4, max_batch=8,
                                     iters=3, warmup=1, inputs=[x])
     assert report.passed and report.written[0] == plan and report.verify.passed

@@ -2,11 +2,11 @@
 device, inputs by name (one image input, or several: ``images`` and a ``task`` index)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 
-from ..errors import UsageError
+from ..runtime.session import bind_inputs
 from ..runtime.timing import time_calls
 from .trt import cuda_device, device_scope, import_polygraphy, import_tensorrt, polygraphy_scope
 
@@ -58,15 +58,7 @@ class EngineRunner:
             name or self.inputs[0], 0))
 
     def feed(self, *args, **named) -> dict:
-        if len(args) == 1 and isinstance(args[0], Mapping):
-            args, named = (), {**args[0], **named}
-        if len(args) > len(self.inputs):
-            raise UsageError(f"{len(args)} inputs given, the engine takes {len(self.inputs)} "
-                             f"({', '.join(self.inputs)})")
-        named = {**dict(zip(self.inputs, args)), **named}
-        missing = [n for n in self.inputs if n not in named]
-        if missing:
-            raise UsageError(f"missing engine input(s) {', '.join(missing)}")
+        named = bind_inputs(self.inputs, args, named, what="engine")
         return {n: torch.as_tensor(named[n]).to(self.device, dtype=self.dtypes[n]).contiguous()
                 for n in self.inputs}
 

@@ -12,10 +12,10 @@ above :mod:`ssf_deploy.fileio`, so every module above it can use it.
 from .images import IMAGE_EXTS, ImageBatches, data_config, eval_transform, image_files, load_images
 from .keys import KeyDiff, key_diff
 from .onnxfile import TensorSpec, graph_inputs, load_onnx, onnx_bytes
-from .session import OrtRunner, ort_session
+from .session import OrtRunner, bind_inputs, ort_session
 from .timing import Timing, interleaved, time_calls, warm_up
 
 __all__ = ["IMAGE_EXTS", "ImageBatches", "data_config", "eval_transform", "image_files",
            "load_images", "KeyDiff", "key_diff", "TensorSpec", "graph_inputs", "load_onnx",
-           "onnx_bytes", "OrtRunner", "ort_session", "Timing", "interleaved", "time_calls",
+           "onnx_bytes", "OrtRunner", "bind_inputs", "ort_session", "Timing", "interleaved", "time_calls",
            "warm_up"]

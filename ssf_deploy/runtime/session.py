@@ -11,7 +11,7 @@ import torch
 from ..errors import SSFDeployError, UsageError, first_line
 from .onnxfile import Source, check_onnx_path
 
-__all__ = ["ort_session", "OrtRunner", "OPTIMIZATION"]
+__all__ = ["ort_session", "OrtRunner", "OPTIMIZATION", "bind_inputs"]
 
 OPTIMIZATION = ("all", "extended", "basic", "disable")
 
@@ -87,6 +87,21 @@ def ort_session(model: Source, *, device=None, providers=None, threads: Optional
     return session
 
 
+def bind_inputs(names: list, args: tuple, named: dict, what: str = "model") -> dict:
+    """``{input name: value}`` for a runner taking ``names``: positional values in that order,
+    one mapping, or keywords; every input must be given (one line naming the missing)."""
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        args, named = (), {**args[0], **named}
+    if len(args) > len(names):
+        raise UsageError(f"{len(args)} inputs given, the {what} takes {len(names)} "
+                         f"({', '.join(names)})")
+    named = {**dict(zip(names, args)), **named}
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise UsageError(f"missing {what} input(s) {', '.join(missing)}")
+    return named
+
+
 class OrtRunner:
     """Run an ONNX model in onnxruntime as a callable on torch tensors.
 
@@ -109,15 +124,7 @@ class OrtRunner:
     def feed(self, *args, **named) -> dict:
         """``{input name: ndarray}`` from positional tensors (graph order), one mapping or
         keywords (by name)."""
-        if len(args) == 1 and isinstance(args[0], Mapping):
-            args, named = (), {**args[0], **named}
-        if len(args) > len(self.inputs):
-            raise UsageError(f"{len(args)} inputs given, the model takes {len(self.inputs)} "
-                             f"({', '.join(self.inputs)})")
-        named = {**dict(zip(self.inputs, args)), **named}
-        missing = [n for n in self.inputs if n not in named]
-        if missing:
-            raise UsageError(f"missing model input(s) {', '.join(missing)}")
+        named = bind_inputs(self.inputs, args, named)
         return {n: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                 for n, v in named.items()}
 
