@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..errors import SSFDeployError
+from ..runtime.timing import time_calls
 from .rows import BenchConfig
 
 __all__ = ["Pass", "Progress", "estimate_costs", "fmt_seconds", "LONG_RUN_S"]
@@ -50,13 +51,7 @@ def fmt_seconds(s: float) -> str:
 def _gemm_flops_per_s(n: int = 1024) -> float:
     """This CPU's rate on a large fp32 GEMM (best of 5, about 0.1 s on two cores)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+    best = min(time_calls(lambda: torch.mm(a, b), 5, warmup=2).ms) / 1e3
     return 2 * n ** 3 / max(best, 1e-9)
 
 
