@@ -3,7 +3,9 @@
 # offline: nothing is installed or downloaded. Results go to benchmarks/results/gpu_*:
 #
 #   gpu_env.txt               nvidia-smi, Python, torch/CUDA, onnxruntime (+ providers), timm, TensorRT
-#   gpu_pytest.txt            python -m pytest -q -m "gpu or tensorrt"
+#   gpu_pytest.txt            python -m pytest -q -m "gpu or tensorrt": every real-TensorRT test
+#                             (build/run/refit through Polygraphy, engine + refit from Python,
+#                             two named inputs, INT8 Q/DQ and calibration, explicit device)
 #   gpu_vit_base_b32.{json,png,txt}   the Fig. 3 cost benchmark (ViT-B/16, batch 32, CUDA)
 #   gpu_engine_tiny_{fp32,fp16}.json   TensorRT builds of a fused tiny ViT (when TensorRT imports)
 #   gpu_summary.txt           one line per step: status, exit code, seconds
@@ -93,7 +95,7 @@ import onnxruntime as ort
 print("onnxruntime", ort.__version__, "| device", ort.get_device(), "| providers",
       ort.get_available_providers())
 for name in ("timm", "onnx", "onnxsim", "click", "safetensors", "pytest", "matplotlib",
-             "tensorrt"):
+             "polygraphy", "tensorrt"):
     try:
         m = importlib.import_module(name)
         try:

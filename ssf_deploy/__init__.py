@@ -3,8 +3,9 @@
 The pipeline, in dependency order (each layer imports only the ones below it; the contract is
 checked in CI by import-linter, see ``pyproject.toml``)::
 
-    errors -> fileio -> layers, models, data -> tuners -> formats -> fuse -> verify, train
-      -> export -> engine, quantize, refit -> deploy, bench -> tools (the CLI)
+    errors -> fileio -> runtime (I/O) -> layers, models, data -> tuners -> formats -> fuse
+      -> verify, train -> export, anchor -> engine, quantize -> refit -> deploy, bench -> job
+      -> tools (the CLI)
 
 Everything is imported eagerly (``ssf_deploy.fuse`` is the function, never the submodule), which
 takes seconds; when this import is ``python -m ssf_deploy ...`` starting the CLI, a Ctrl-C in

@@ -32,6 +32,7 @@ from torch import nn
 from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
 from .models import creation_record, example_input
+from .runtime.keys import key_diff
 from .tuners import get_tuner, method_of, unload
 
 __all__ = ["fuse", "fuse_with_report", "fuse_many", "FuseReport", "Fold"]
@@ -539,15 +540,13 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
         mod_name, _, attr = name.rpartition(".")
         mod = base.get_submodule(mod_name) if mod_name else base
         mod.register_parameter(attr, nn.Parameter(torch.empty_like(state[name], device="meta")))
-    missing = set(base.state_dict()) - set(state)
-    unexpected = set(state) - set(base.state_dict())
-    if missing or unexpected:
+    diff = key_diff(base.state_dict(), state)
+    if diff.missing or diff.unexpected:
         raise FuseError(f"fused weights do not fit the base architecture: missing "
-                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    bad = [k for k, v in base.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
-    if bad:
-        raise FuseError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
-                             f"base expects {tuple(base.state_dict()[bad[0]].shape)}")
+                             f"{sorted(diff.missing)[:3]}, unexpected {sorted(diff.unexpected)[:3]}")
+    if diff.wrong_shape:
+        k, want, got = diff.wrong_shape[0]
+        raise FuseError(f"fused weight {k} has shape {got}, base expects {want}")
     base.load_state_dict(state, strict=True, assign=True)
     if rec is not None:
         _materialise(base, model, rec)

@@ -11,6 +11,7 @@ from torch import nn
 from .errors import (BaseMismatchError, CheckpointError, SSFDeployError, UsageError,
                      first_line)
 from .fileio import check_manifest
+from .runtime.keys import key_diff
 
 __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
            "input_size", "head_modules", "count_params", "example_input", "sized_kwargs"]
@@ -131,16 +132,9 @@ def load_base_weights(model: nn.Module, path: str, arch: Optional[str] = None) -
                 raise BaseMismatchError(f"base weights {path} do not fit {arch}: "
                                         f"{first_line(e)}") from None
     head = _head_keys(model)
-    missing = [k for k in own if k not in state and k not in head]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and k not in head
-             and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        kind = "missing" if missing else ("unexpected" if unexpected else "wrong-shaped")
-        raise BaseMismatchError(
-            f"base weights {path} do not fit {arch}: {len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(wrong)} wrong-shaped key(s) (first {kind}: '{first}')")
+    diff = key_diff(own, state, ignore=head)
+    if diff:
+        raise BaseMismatchError(f"base weights {path} do not fit {arch}: {diff.summary()}")
     for k in head:
         if k in state and tuple(state[k].shape) != tuple(own[k].shape):
             del state[k]   # a head of another size: the task brings its own

@@ -50,10 +50,9 @@ class _Half(torch.nn.Module):
 def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, allow_base_mismatch,
            atol, rtol, fp16, inputs_spec, batch_size, image_size, as_json):
     """Compare the fused model (and ONNX) with the trained one: exit 0 only if all pass."""
-    from ..deploy import GoldenProbe, anchor_of
-    from ..export import OrtRunner
-    from ..formats.task import provenance_of
+    from ..anchor import anchor_of, golden_of
     from ..fuse import fuse
+    from ..runtime import OrtRunner
 
     atol, rtol = resolve_tolerances(atol, rtol, fp16)
     if ckpt and not pack and ckpt.endswith(".onnx"):
@@ -63,8 +62,7 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     task = load_task(ckpt, pack)
     model = tuned_model(task, arch, num_classes, base_weights, pretrained, allow_base_mismatch)
     inputs = make_inputs(inputs_spec, model, batch_size, image_size_for(task, image_size))
-    probe = (provenance_of(model) or {}).get("probe")
-    golden = GoldenProbe(probe) if probe is not None else None
+    golden = golden_of(model)
     fused = fuse(model, inputs[0][:2])
     candidates = [("fused (PyTorch)", _Half(fused) if fp16 else fused, False)]
     if onnx_path:
