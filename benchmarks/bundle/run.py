@@ -363,6 +363,59 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_gpu(args) -> dict:
+    """TensorRT on one GPU: the bundle engine vs the fused model's engine, same batch, same
+    precision (the per-sample multiply-adds are pointwise: TensorRT fuses them into the layers
+    around them), and the time a task takes to reach the engine by refit."""
+    import torch
+
+    import ssf_deploy
+    from ssf_deploy.bundle.engine import build_bundle_engine, refit_bundle_engine
+    from ssf_deploy.engine import build_checked_engine
+    from ssf_deploy.fileio import save_safetensors
+    from ssf_deploy.formats.pack import save_pack
+    arch, size, classes, n = args.archs[0], 224, args.classes, min(args.tasks[-1], 10)
+    work = os.path.join(args.work, "gpu-" + arch)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    base_file = os.path.join(work, "base.safetensors")
+    save_safetensors(ssf_deploy.create_base_model(arch, classes, init_seed=0).state_dict(),
+                     base_file)
+    tasks, tuned = synth_tasks(arch, base_file, n + 1, classes, size)
+    bundle_path = os.path.join(work, "tasks.onnx")
+    ssf_deploy.bundle(tasks[:n], out=bundle_path, base_weights=base_file, check_fused=2)
+    ssf_deploy.load_trainable_state(tuned, tasks[0].state)
+    pack = os.path.join(work, "task0.safetensors")
+    save_pack(tuned, pack, arch=arch, num_classes=classes)
+    fused_path = os.path.join(work, "fused.onnx")
+    model = ssf_deploy.build_model(ssf_deploy.read_task(pack), base_weights=base_file)
+    ssf_deploy.deploy(model, [torch.randn(2, 3, size, size)], out=fused_path,
+                      dynamic_batch=True, compare_graph="never")
+    out = {"arch": arch, "tasks": n, "batch": args.batch, "gpu": torch.cuda.get_device_name(0),
+           "rows": []}
+    for fp16 in (False, True):
+        kw = dict(fp16=fp16, min_batch=1, opt_batch=args.batch, max_batch=max(32, args.batch),
+                  iters=100)
+        fused = build_checked_engine(fused_path, os.path.join(work, f"fused{int(fp16)}.plan"),
+                                     **kw)
+        plan = os.path.join(work, f"tasks{int(fp16)}.plan")
+        bundle = build_bundle_engine(bundle_path, plan, capacity=n + 1, **kw)
+        out["rows"].append({
+            "precision": "fp16" if fp16 else "fp32",
+            "fused_ms": fused.latency["median_ms"], "bundle_ms": bundle.build.latency["median_ms"],
+            "ratio": bundle.build.latency["median_ms"] / fused.latency["median_ms"],
+            "gate_max_abs_vs_recorded": bundle.gate.worst("recorded"),
+            "fused_build_s": fused.build["build_seconds"],
+            "bundle_build_s": bundle.build.build["build_seconds"]})
+    t0 = time.perf_counter()
+    ssf_deploy.add_tasks(bundle_path, [tasks[n]], base_weights=base_file, check_fused=False)
+    add_s = time.perf_counter() - t0
+    ref = refit_bundle_engine(os.path.join(work, "tasks0.plan"), bundle_path)
+    out["add_task"] = {"bundle_seconds": round(add_s, 3), "refit": ref.refit,
+                       "gate_passed": ref.gate.passed}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -381,9 +434,19 @@ def main() -> None:
     ap.add_argument("--independent-iters", type=int, default=5)
     ap.add_argument("--work", default=os.path.join(ROOT, "models", "bench-bundle"))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--gpu", action="store_true",
+                    help="TensorRT engines on the GPU instead (first --archs, N <= 10): "
+                         "results/gpu_bundle.json")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.gpu:
+        res = run_gpu(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_bundle.json"), "w") as f:
+            json.dump(res, f, indent=1, default=float)
+        print(json.dumps(res, indent=1, default=float))
+        return
     import onnxruntime as ort
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or
                platform.machine(), "onnxruntime": ort.__version__, "batch": args.batch,

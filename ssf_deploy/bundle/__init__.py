@@ -33,7 +33,7 @@ from ..formats.task import provenance_of
 from ..models import creation_record
 from ..fuse import fuse_many
 from ..verify import DEFAULT_ATOL, DEFAULT_RTOL
-from .check import GateReport, run_gate
+from .check import GateReport, probe_of, recorded_tasks, run_gate
 from .files import (BUNDLE_FORMAT, IMAGES, LOGITS, TASK, assemble, backbone_location, commit,
                     export_graph, read_graph, row_location, row_name, rows_of, staged,
                     write_bundle)
@@ -237,14 +237,6 @@ def _nonfinite(entries: list[_Entry]) -> None:
 # references: the recorded outputs and each task's own fused model
 
 
-def _probe_of(task_probe: dict) -> tuple[torch.Tensor, np.ndarray]:
-    x = checked_probe_inputs(task_probe)
-    logits = task_probe["logits"]
-    logits = logits.float().numpy() if isinstance(logits, torch.Tensor) else \
-        np.asarray(logits, dtype=np.float32)
-    return x, logits
-
-
 def _fused_logits(entries: list[_Entry], templates: dict, progress: Progress) -> dict:
     """``{name: the task's own fused model's logits on its probe inputs}``: the real fuser,
     one trace per class count (tasks of one class count share the traced graph)."""
@@ -383,23 +375,9 @@ def _task_meta(e: _Entry, index: int, onnx_name: str, row: np.ndarray) -> dict:
 def _gate_tasks(entries: list[_Entry], indices: dict, fused: dict) -> list[dict]:
     out = []
     for e in entries:
-        x, logits = _probe_of(e.task.probe)
+        x, logits = probe_of(e.task.probe)
         out.append({"name": e.name, "index": indices[e.name], "num_classes": e.num_classes,
                     "inputs": x, "recorded": logits, "fused": fused.get(e.name)})
-    return out
-
-
-def _meta_gate_tasks(meta: dict, names: Iterable[str]) -> list[dict]:
-    """Gate entries for tasks already in a bundle: their recorded outputs, from its metadata."""
-    by = {t["name"]: t for t in meta["tasks"]}
-    out = []
-    for n in names:
-        t = by[n]
-        probe = dict(t["probe"])
-        probe["logits"] = torch.tensor(probe["logits"], dtype=torch.float32)
-        x, logits = _probe_of(probe)
-        out.append({"name": n, "index": int(t["index"]), "num_classes": int(t["num_classes"]),
-                    "inputs": x, "recorded": logits, "fused": None})
     return out
 
 
@@ -648,7 +626,7 @@ def update_bundle(path: str, *, add: Sequence[TaskLike] = (), remove: Sequence[s
             fused = _fused_logits(chosen, _templates(chosen, first, base_weights, pretrained),
                                   progress)
     others = [t["name"] for t in _live(meta) if t["name"] not in indices][: max(0, int(sample))]
-    gate_tasks = _gate_tasks(entries, indices, fused) + _meta_gate_tasks(meta, others)
+    gate_tasks = _gate_tasks(entries, indices, fused) + recorded_tasks(meta, others)
     with staged(out) as stage:
         with _Stage(report, "write", progress):
             graph = assemble(_strip_rows(proto), _slots(meta), layout.width, meta)
