@@ -209,7 +209,7 @@ def run_arch(arch: str, ns: list, args, work: str) -> dict:
         times = lat.pop("_times")
         row["latency"] = lat
         row["ratio"] = statistics.median(a / b for a, b in zip(times["bundle"], times["fused"]))
-        del sess
+        sess = None   # free the session before the next size
         print(f"  {arch} N={n}: bundle {lat['bundle']['median_ms']:.0f} ms vs fused "
               f"{lat['fused']['median_ms']:.0f} ms -> {row['ratio']:.3f}x", file=sys.stderr)
         row["memory"] = _spawn([out], "bundle", n, batch, size, 0)

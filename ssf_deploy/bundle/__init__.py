@@ -19,7 +19,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ def _read(tasks: Sequence[TaskLike], names: Optional[Sequence[str]]) -> list[_En
     if not tasks:
         raise UsageError("give at least one task pack")
     if names is not None and len(names) != len(tasks):
-        raise UsageError(f"{len(names)} name(s) for {len(tasks)} task(s): give one name per "
+        raise UsageError(f"{len(names)} `names` for {len(tasks)} task(s): give one name per "
                          f"task, in order, or none")
     out = []
     for i, t in enumerate(tasks):
@@ -202,7 +202,7 @@ def _check_same(entries: list[_Entry], ref: dict) -> None:
                                     f"{ref['base']['sha256']}")
         if e.name in seen:
             raise UsageError(f"two tasks are named '{e.name}': give each a unique name "
-                             f"(names=... / --name)")
+                             f"(`names`)")
         seen.add(e.name)
 
 
@@ -222,7 +222,7 @@ def _check_layout(entries: list[_Entry], layout: Layout) -> None:
                                  f"bundle's tasks {n}")
         if e.num_classes > layout.max_classes:
             raise UsageError(f"{where} has {e.num_classes} classes; the bundle's logits have "
-                             f"{layout.max_classes} columns: rebuild it with max_classes >= "
+                             f"{layout.max_classes} columns: rebuild it with `max_classes` >= "
                              f"{e.num_classes}")
 
 
@@ -436,7 +436,7 @@ def bundle(tasks: Sequence[TaskLike], *, out: str, names: Optional[Sequence[str]
                          "sha256": bc.get("actual"), "probe": "recorded per task"}
     cmax = int(max_classes or max(e.num_classes for e in entries))
     if cmax < max(e.num_classes for e in entries):
-        raise UsageError(f"max_classes {cmax} is below the largest task's "
+        raise UsageError(f"`max_classes` {cmax} is below the largest task's "
                          f"{max(e.num_classes for e in entries)} classes")
     layout = layout_for(tuned, first.state, cmax, fold_bias=fold_bias)
     _check_layout(entries, layout)

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -429,6 +429,30 @@ def commit(stage: str, files: dict, out: str) -> list[str]:
     return written
 
 
+def _load_external(proto: onnx.ModelProto, folder: str) -> None:
+    """Read every external tensor's bytes into the graph (the bundle's backbone and rows).
+
+    onnx's own loader refuses files with several hard links, which is how an updated bundle or
+    a Triton version folder shares the backbone with the bundle it came from; the locations are
+    checked here instead: relative, inside ``folder``.
+    """
+    root = os.path.realpath(folder)
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        full = os.path.realpath(os.path.join(root, loc))
+        if os.path.isabs(loc) or not full.startswith(root + os.sep):
+            raise SSFDeployError(f"tensor '{t.name}' points outside the bundle's folder: {loc}")
+        with open(full, "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+        t.raw_data = data
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+
+
 def materialize(path: str, capacity: Optional[int] = None) -> onnx.ModelProto:
     """The bundle as ONE self-contained graph: the row Concat replaced by a single
     ``bundle.table`` initializer ``[capacity, width]`` (rows by index, zero rows for removed and
@@ -446,8 +470,7 @@ def materialize(path: str, capacity: Optional[int] = None) -> onnx.ModelProto:
     table = np.zeros((capacity, width), dtype=np.float32)
     for i, row in rows.items():
         table[i] = row
-    folder = os.path.dirname(os.path.abspath(path))
-    onnx.external_data_helper.load_external_data_for_model(proto, folder)
+    _load_external(proto, os.path.dirname(os.path.abspath(path)))
     g = proto.graph
     nodes = [n for n in g.node if n.name not in ("bundle.rows", FREE_ROW)]
     del g.node[:]
