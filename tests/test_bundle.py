@@ -296,3 +296,97 @@ def test_cli_bundle_show_add_remove_verify(vit, tmp_path):
     assert "two tasks are named 'x'" in r.stderr and not (tmp_path / "d.onnx").exists()
     r = _cli("bundle", "--into", out, "--remove", "zzz")
     assert r.returncode == 2 and "no task named 'zzz'" in r.stderr
+
+
+def test_materialized_for_tensorrt_is_the_same_model(vit):
+    """What TensorRT builds from: one table initializer (spare slots for later tasks) and the
+    backbone inline; onnxruntime gives the same outputs as the bundle itself."""
+    import onnxruntime as ort
+    from ssf_deploy.bundle.files import materialize
+    proto = materialize(vit["out"], capacity=6)
+    table = next(t for t in proto.graph.initializer if t.name == "bundle.table")
+    assert list(table.dims)[0] == 6
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(9)).numpy()
+    task = np.array([0, 2, 1, 5, -3], dtype=np.int64)     # 5: a spare slot, -3: out of range
+    got = sess.run(None, {"images": x, "task": task})[0]
+    want = BundleRunner(vit["out"])(x, task)
+    # the same maths; the per-sample LayerNorm affine runs as Mul + Add there (float rounding)
+    np.testing.assert_allclose(got[:3], want[:3], atol=1e-5, rtol=1e-5)
+    assert sum(n.op_type == "LayerNormalization" and len(n.doc_string) > 0
+               for n in onnx.load(vit["out"], load_external_data=False).graph.node) > 0
+    assert np.isnan(got[3:]).all() and np.isnan(want[3:]).all()
+    with pytest.raises(UsageError, match="capacity 2 is below"):
+        materialize(vit["out"], capacity=2)
+
+
+# ---------------------------------------------------------------------------------- TensorRT
+
+
+def test_engine_feeds_are_mixed_probe_batches_the_materialized_graph_reproduces(vit):
+    """What the bundle engine is compared on (CPU part): the tasks' own probe images in mixed
+    batches; the graph TensorRT parses gives the bundle's outputs on them."""
+    import onnxruntime as ort
+    from ssf_deploy.bundle.engine import gate_feeds
+    from ssf_deploy.bundle.files import materialize, read_graph
+    _, meta = read_graph(vit["out"])
+    feeds = gate_feeds(meta, batch=5)
+    assert sum(f["task"].numel() for f in feeds) == 12          # 3 tasks x 4 probe images
+    assert all(len(set(f["task"].tolist())) > 1 for f in feeds)  # mixed
+    sess = ort.InferenceSession(materialize(vit["out"]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    runner = BundleRunner(vit["out"])
+    for f in feeds:
+        got = sess.run(None, {"images": f["images"].numpy(), "task": f["task"].numpy()})[0]
+        np.testing.assert_allclose(got, runner(f["images"], f["task"]), atol=1e-5, rtol=1e-5)
+
+
+def test_engine_refusals_before_tensorrt(vit, tmp_path):
+    from ssf_deploy.bundle.engine import build_bundle_engine, refit_bundle_engine
+    with pytest.raises(UsageError, match="`capacity` 2 is below the bundle's 3 task slots"):
+        build_bundle_engine(vit["out"], str(tmp_path / "b.plan"), capacity=2)
+    plan = tmp_path / "plain.plan"
+    plan.write_bytes(b"not an engine")
+    (tmp_path / "plain.plan.json").write_text(json.dumps({"format": "ssf-deploy/engine/1"}))
+    with pytest.raises(UsageError, match="not built from a task bundle"):
+        refit_bundle_engine(str(plan), vit["out"])
+    if not _has_tensorrt():
+        with pytest.raises(SSFDeployError, match=r'pip install "ssf-deploy\[tensorrt\]"'):
+            build_bundle_engine(vit["out"], str(tmp_path / "b.plan"))
+        assert not (tmp_path / "b.plan").exists()
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_bundle_engine_serves_every_task_and_takes_new_ones_by_refit(vit, tmp_path):
+    """On a GPU with TensorRT: one engine for every task (mixed batches, each task against its
+    recorded outputs), then a task added to the bundle reaches the engine by refit."""
+    import shutil
+    from ssf_deploy.bundle.engine import build_bundle_engine, refit_bundle_engine
+    work = tmp_path / "b"
+    shutil.copytree(os.path.dirname(vit["out"]), work,
+                    ignore=shutil.ignore_patterns("*-fused.onnx"))
+    path = str(work / "tasks.onnx")
+    plan = str(tmp_path / "tasks.plan")
+    rep = build_bundle_engine(path, plan, capacity=5, opt_batch=4, max_batch=16, iters=5)
+    assert rep.passed and rep.gate.worst("recorded") < 1e-4 and os.path.isfile(plan)
+    new, _ = _task(str(tmp_path), "vit", vit["base"], 12, 6, name="gpu-late")
+    add_tasks(path, [new], base_weights=vit["base"])
+    rep = refit_bundle_engine(plan, path)
+    assert rep.passed and "gpu-late" in rep.tasks and rep.refit["weights"] >= 1
+    for extra in range(2):        # two more slots than the engine has: refused in one line
+        add_tasks(path, [_task(str(tmp_path), "vit", vit["base"], 20 + extra, 5,
+                               name=f"x{extra}")[0]], base_weights=vit["base"],
+                  check_fused=False)
+    with pytest.raises(UsageError, match="larger `capacity`"):
+        refit_bundle_engine(plan, path)

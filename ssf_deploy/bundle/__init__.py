@@ -19,7 +19,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ..formats.task import provenance_of
 from ..models import creation_record
 from ..fuse import fuse_many
 from ..verify import DEFAULT_ATOL, DEFAULT_RTOL
-from .check import GateReport, run_gate
+from .check import GateReport, probe_of, recorded_tasks, run_gate
 from .files import (BUNDLE_FORMAT, IMAGES, LOGITS, TASK, assemble, backbone_location, commit,
                     export_graph, read_graph, row_location, row_name, rows_of, staged,
                     write_bundle)
@@ -150,7 +150,7 @@ def _read(tasks: Sequence[TaskLike], names: Optional[Sequence[str]]) -> list[_En
     if not tasks:
         raise UsageError("give at least one task pack")
     if names is not None and len(names) != len(tasks):
-        raise UsageError(f"{len(names)} name(s) for {len(tasks)} task(s): give one name per "
+        raise UsageError(f"{len(names)} `names` for {len(tasks)} task(s): give one name per "
                          f"task, in order, or none")
     out = []
     for i, t in enumerate(tasks):
@@ -202,7 +202,7 @@ def _check_same(entries: list[_Entry], ref: dict) -> None:
                                     f"{ref['base']['sha256']}")
         if e.name in seen:
             raise UsageError(f"two tasks are named '{e.name}': give each a unique name "
-                             f"(names=... / --name)")
+                             f"(`names`)")
         seen.add(e.name)
 
 
@@ -222,7 +222,7 @@ def _check_layout(entries: list[_Entry], layout: Layout) -> None:
                                  f"bundle's tasks {n}")
         if e.num_classes > layout.max_classes:
             raise UsageError(f"{where} has {e.num_classes} classes; the bundle's logits have "
-                             f"{layout.max_classes} columns: rebuild it with max_classes >= "
+                             f"{layout.max_classes} columns: rebuild it with `max_classes` >= "
                              f"{e.num_classes}")
 
 
@@ -235,14 +235,6 @@ def _nonfinite(entries: list[_Entry]) -> None:
 
 # --------------------------------------------------------------------------------------------
 # references: the recorded outputs and each task's own fused model
-
-
-def _probe_of(task_probe: dict) -> tuple[torch.Tensor, np.ndarray]:
-    x = checked_probe_inputs(task_probe)
-    logits = task_probe["logits"]
-    logits = logits.float().numpy() if isinstance(logits, torch.Tensor) else \
-        np.asarray(logits, dtype=np.float32)
-    return x, logits
 
 
 def _fused_logits(entries: list[_Entry], templates: dict, progress: Progress) -> dict:
@@ -383,23 +375,9 @@ def _task_meta(e: _Entry, index: int, onnx_name: str, row: np.ndarray) -> dict:
 def _gate_tasks(entries: list[_Entry], indices: dict, fused: dict) -> list[dict]:
     out = []
     for e in entries:
-        x, logits = _probe_of(e.task.probe)
+        x, logits = probe_of(e.task.probe)
         out.append({"name": e.name, "index": indices[e.name], "num_classes": e.num_classes,
                     "inputs": x, "recorded": logits, "fused": fused.get(e.name)})
-    return out
-
-
-def _meta_gate_tasks(meta: dict, names: Iterable[str]) -> list[dict]:
-    """Gate entries for tasks already in a bundle: their recorded outputs, from its metadata."""
-    by = {t["name"]: t for t in meta["tasks"]}
-    out = []
-    for n in names:
-        t = by[n]
-        probe = dict(t["probe"])
-        probe["logits"] = torch.tensor(probe["logits"], dtype=torch.float32)
-        x, logits = _probe_of(probe)
-        out.append({"name": n, "index": int(t["index"]), "num_classes": int(t["num_classes"]),
-                    "inputs": x, "recorded": logits, "fused": None})
     return out
 
 
@@ -424,8 +402,13 @@ def bundle(tasks: Sequence[TaskLike], *, out: str, names: Optional[Sequence[str]
            base_weights: Optional[str] = None, pretrained: bool = False,
            max_classes: Optional[int] = None, atol: float = DEFAULT_ATOL,
            rtol: float = DEFAULT_RTOL, opset: int = 17, batch_size: int = 32,
-           check_fused: Union[bool, int] = True, progress: Progress = None) -> BundleReport:
+           check_fused: Union[bool, int] = True, fold_bias: bool = True,
+           progress: Progress = None) -> BundleReport:
     """Build one bundle from SSF task packs (paths or :class:`~ssf_deploy.formats.Task`).
+
+    ``check_fused``: compare every task (``True``), none, or a fixed sample of K with its own
+    fused model (every task is always compared with its recorded outputs). ``fold_bias=False``
+    builds the naive layout (factors on top of every producer's bias), for measurement only.
 
     Every task must share the base (recorded hash), architecture, model kwargs, image size and
     SSF sites; names must be unique (the pack's name, else its file stem, or ``names``).
@@ -453,9 +436,9 @@ def bundle(tasks: Sequence[TaskLike], *, out: str, names: Optional[Sequence[str]
                          "sha256": bc.get("actual"), "probe": "recorded per task"}
     cmax = int(max_classes or max(e.num_classes for e in entries))
     if cmax < max(e.num_classes for e in entries):
-        raise UsageError(f"max_classes {cmax} is below the largest task's "
+        raise UsageError(f"`max_classes` {cmax} is below the largest task's "
                          f"{max(e.num_classes for e in entries)} classes")
-    layout = layout_for(tuned, first.state, cmax)
+    layout = layout_for(tuned, first.state, cmax, fold_bias=fold_bias)
     _check_layout(entries, layout)
     chw = tuple(int(v) for v in checked_probe_inputs(first.probe).shape[1:])
     with _Stage(report, "rows", progress):
@@ -643,7 +626,7 @@ def update_bundle(path: str, *, add: Sequence[TaskLike] = (), remove: Sequence[s
             fused = _fused_logits(chosen, _templates(chosen, first, base_weights, pretrained),
                                   progress)
     others = [t["name"] for t in _live(meta) if t["name"] not in indices][: max(0, int(sample))]
-    gate_tasks = _gate_tasks(entries, indices, fused) + _meta_gate_tasks(meta, others)
+    gate_tasks = _gate_tasks(entries, indices, fused) + recorded_tasks(meta, others)
     with staged(out) as stage:
         with _Stage(report, "write", progress):
             graph = assemble(_strip_rows(proto), _slots(meta), layout.width, meta)

@@ -9,14 +9,15 @@ output must not move. The columns past a task's classes must hold zeros.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
+from ..formats.provenance import checked_probe_inputs
 from ..verify import VerifyReport, compare
 
-__all__ = ["TaskCheck", "GateReport", "run_gate"]
+__all__ = ["TaskCheck", "GateReport", "run_gate", "probe_of", "recorded_tasks"]
 
 
 @dataclass
@@ -170,3 +171,25 @@ def run_gate(run: Callable, tasks: list, *, atol: float, rtol: float, batch_size
         report.neighbour_max_abs = worst
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def probe_of(task_probe: dict) -> tuple[torch.Tensor, np.ndarray]:
+    x = checked_probe_inputs(task_probe)
+    logits = task_probe["logits"]
+    logits = logits.float().numpy() if isinstance(logits, torch.Tensor) else \
+        np.asarray(logits, dtype=np.float32)
+    return x, logits
+
+
+def recorded_tasks(meta: dict, names: Iterable[str]) -> list[dict]:
+    """Gate entries for tasks already in a bundle: their recorded outputs, from its metadata."""
+    by = {t["name"]: t for t in meta["tasks"]}
+    out = []
+    for n in names:
+        t = by[n]
+        probe = dict(t["probe"])
+        probe["logits"] = torch.tensor(probe["logits"], dtype=torch.float32)
+        x, logits = probe_of(probe)
+        out.append({"name": n, "index": int(t["index"]), "num_classes": int(t["num_classes"]),
+                    "inputs": x, "recorded": logits, "fused": None})
+    return out

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -87,6 +87,106 @@ def export_graph(module, chw: tuple, width: int, *, opset: int = 17,
         if not ok:
             raise SSFDeployError("onnxsim could not validate the simplified bundle graph")
         proto = simplified
+    return fuse_norm_affine(proto)
+
+
+_FUSED_DOC = "ssf-deploy bundle: per-sample affine, channels="
+
+
+def _users(g) -> dict:
+    users: dict = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
+def fuse_norm_affine(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each affine-less ``LayerNormalization`` the per-sample scale and shift that follow
+    it: ``LN(x, 1, 0) -> Mul(s) -> Add(c)`` becomes ``LN(x, s, c)`` with ``s``/``c`` of shape
+    ``[B, 1, C]``. The operator is defined as ``Mul(Normalized, Scale)`` then ``Add(.., B)`` with
+    numpy broadcasting, and onnxruntime applies it inside its kernel: the two passes over the
+    activations disappear. Only the pattern the bundle module exports is touched."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    users = _users(g)
+
+    consts = {n.output[0]: a.t for n in g.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR}
+    consts.update(inits)
+
+    def const(name, value) -> bool:
+        t = consts.get(name)
+        return t is not None and bool(np.all(numpy_helper.to_array(t) == value))
+
+    drop, moved = set(), {}
+    for n in g.node:
+        if n.op_type != "LayerNormalization" or len(n.input) < 2 or \
+                any(o for o in n.output[1:]):
+            continue
+        if not const(n.input[1], 1.0) or (len(n.input) > 2 and n.input[2] and
+                                          not const(n.input[2], 0.0)):
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+        y = n.output[0]
+        mul = users.get(y, [])
+        if axis != -1 or y in outputs or len(mul) != 1 or mul[0].op_type != "Mul":
+            continue
+        mul = mul[0]
+        s = mul.input[1] if mul.input[0] == y else mul.input[0]
+        add = users.get(mul.output[0], [])
+        if s in consts or mul.output[0] in outputs or len(add) != 1 or \
+                add[0].op_type != "Add":
+            continue
+        add = add[0]
+        c = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+        if c in consts:
+            continue
+        channels = int(numpy_helper.to_array(consts[n.input[1]]).size)
+        del n.input[1:]
+        n.input.extend([s, c])
+        n.output[0] = add.output[0]
+        n.doc_string = f"{_FUSED_DOC}{channels}"
+        drop.update((id(mul), id(n)))
+        moved[id(add)] = n           # runs where the Add ran: after s and c exist
+    if drop:
+        keep = [moved.get(id(n), n) for n in g.node if id(n) not in drop]
+        used = {i for n in keep for i in n.input}
+        keep = [n for n in keep if n.op_type != "Constant" or n.output[0] in used]
+        del g.node[:]
+        g.node.extend(keep)
+        live = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(live)
+    return proto
+
+
+def unfuse_norm_affine(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of :func:`fuse_norm_affine` (``LN(x, 1, 0) -> Mul -> Add``), for runtimes
+    whose LayerNorm takes only a ``[C]`` scale: TensorRT's builder fuses the pointwise ops."""
+    g = proto.graph
+    nodes = []
+    for n in g.node:
+        if n.op_type != "LayerNormalization" or not n.doc_string.startswith(_FUSED_DOC):
+            nodes.append(n)
+            continue
+        c = int(n.doc_string[len(_FUSED_DOC):])
+        x, s, sh = n.input[0], n.input[1], n.input[2]
+        out, base = n.output[0], n.name or n.output[0]
+        ones, zeros = f"{base}.ones", f"{base}.zeros"
+        g.initializer.extend([numpy_helper.from_array(np.ones(c, np.float32), ones),
+                              numpy_helper.from_array(np.zeros(c, np.float32), zeros)])
+        plain = helper.make_node("LayerNormalization", [x, ones, zeros], [f"{base}.norm"],
+                                 name=f"{base}.plain", axis=-1,
+                                 epsilon=next((a.f for a in n.attribute if a.name == "epsilon"),
+                                              1e-5))
+        nodes += [plain,
+                  helper.make_node("Mul", [f"{base}.norm", s], [f"{base}.scaled"],
+                                   name=f"{base}.mul"),
+                  helper.make_node("Add", [f"{base}.scaled", sh], [out], name=f"{base}.add")]
+    del g.node[:]
+    g.node.extend(nodes)
     return proto
 
 
@@ -327,3 +427,60 @@ def commit(stage: str, files: dict, out: str) -> list[str]:
             os.replace(src, tmp)
             written.append(dst)
     return written
+
+
+def _load_external(proto: onnx.ModelProto, folder: str) -> None:
+    """Read every external tensor's bytes into the graph (the bundle's backbone and rows).
+
+    onnx's own loader refuses files with several hard links, which is how an updated bundle or
+    a Triton version folder shares the backbone with the bundle it came from; the locations are
+    checked here instead: relative, inside ``folder``.
+    """
+    root = os.path.realpath(folder)
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        full = os.path.realpath(os.path.join(root, loc))
+        if os.path.isabs(loc) or not full.startswith(root + os.sep):
+            raise SSFDeployError(f"tensor '{t.name}' points outside the bundle's folder: {loc}")
+        with open(full, "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+        t.raw_data = data
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+
+
+def materialize(path: str, capacity: Optional[int] = None) -> onnx.ModelProto:
+    """The bundle as ONE self-contained graph: the row Concat replaced by a single
+    ``bundle.table`` initializer ``[capacity, width]`` (rows by index, zero rows for removed and
+    spare slots) and the backbone inline. What TensorRT builds from: its parser takes the table
+    as one weight, and a refittable engine can take new rows in a spare slot by refitting that
+    one weight (same shape), without a rebuild.
+    """
+    proto, meta = read_graph(path)
+    rows = rows_of(path, meta)
+    width = int(meta["layout"]["width"])
+    slots = int(meta["next_index"])
+    capacity = slots if capacity is None else int(capacity)
+    if capacity < slots:
+        raise UsageError(f"capacity {capacity} is below the bundle's {slots} task slots")
+    table = np.zeros((capacity, width), dtype=np.float32)
+    for i, row in rows.items():
+        table[i] = row
+    _load_external(proto, os.path.dirname(os.path.abspath(path)))
+    g = proto.graph
+    nodes = [n for n in g.node if n.name not in ("bundle.rows", FREE_ROW)]
+    del g.node[:]
+    g.node.extend(nodes)
+    inits = [t for t in g.initializer if not t.name.startswith("bundle.row.")
+             and t.name != FREE_ROW + ".shape"]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    g.initializer.append(numpy_helper.from_array(table, TABLE))
+    for t in g.initializer:
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+    return unfuse_norm_affine(proto)

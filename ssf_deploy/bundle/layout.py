@@ -15,6 +15,10 @@ Each site applies ``y = s * x + c`` with per-sample ``s``/``c`` computed from th
   already had;
 * an eval BatchNorm is replaced by its per-sample affine with the SSF folded in
   (``gamma * (x - mean) * w / sqrt(var + eps) + gamma * b + beta``);
+* a last-dim LayerNorm's own affine takes the factors (``(gamma w) norm(x) + gamma b + beta``),
+  and the exported graph gives the per-sample ``[B, 1, C]`` scale and shift to the
+  ``LayerNormalization`` node itself (its spec is ``Mul`` + ``Add`` with broadcasting): no pass
+  over the activations at all (:func:`ssf_deploy.bundle.files.fuse_norm_affine`);
 * anything else (a LayerNorm, a norm+activation's norm output) gets ``gamma * out + beta``.
 
 Sites are the modules that carry the tasks' tensors, found with the SSF tuner's own rules
@@ -27,7 +31,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
@@ -50,7 +53,7 @@ class SiteSlot:
     name: str                 # module path, e.g. "blocks.0.attn.qkv"
     channels: int
     dim: int                  # channel axis of the module's output (-1 last, 1 channels-first)
-    kind: str = "plain"       # "plain" | "linear" (bias moves to the shift) | "bn"
+    kind: str = "plain"       # "plain" | "linear" (bias -> shift) | "norm" (affine) | "bn"
     parts: dict = field(default_factory=dict)   # part -> [offset, length] in the row
     before_act: bool = False  # norm+act module: applied on the activation's input
     eps: float = 0.0          # BatchNorm epsilon
@@ -104,9 +107,11 @@ def task_keys(state: dict) -> list:
     return [k for k in state if not k.endswith(_IGNORED)]
 
 
-def layout_for(model: nn.Module, state: dict, max_classes: int) -> Layout:
+def layout_for(model: nn.Module, state: dict, max_classes: int, *,
+               fold_bias: bool = True) -> Layout:
     """The row layout for tasks with the keys of ``state`` on ``model``'s architecture (only its
-    structure and frozen constants are read)."""
+    structure and frozen constants are read). ``fold_bias=False`` keeps every producer's bias in
+    the backbone and applies the factors on top (the naive layout, kept for measurement)."""
     head_name, head = _classifier(model)
     head_keys = (f"{head_name}.weight", f"{head_name}.bias")
     by_name = {s.name: s for s in find_sites(model, bias_free=True)}
@@ -136,9 +141,13 @@ def layout_for(model: nn.Module, state: dict, max_classes: int) -> Layout:
                     {"mean", "var"} <= owners[name] and m.track_running_stats):
                 raise UsageError(f"'{name}' carries BatchNorm statistics the bundle cannot apply")
             slot.kind, slot.eps = "bn", float(m.eps)
-        elif type(m) in _STRIPPABLE and getattr(m, "bias", None) is not None \
+        elif fold_bias and type(m) in _STRIPPABLE and getattr(m, "bias", None) is not None \
                 and not site.before_act:
             slot.kind = "linear"
+        elif fold_bias and isinstance(m, nn.LayerNorm) and site.dim == -1 and \
+                not site.before_act and m.weight is not None and m.bias is not None and \
+                not getattr(m, "_fast_norm", False):
+            slot.kind = "norm"
         for part in PARTS:
             if part not in owners[name]:
                 continue
@@ -267,6 +276,11 @@ def _affine(rows: torch.Tensor, slot: SiteSlot, module: nn.Module):
         b = module.bundle_bias
         sb = b if g is None else g * b
         return g, (sb if beta is None else sb + beta)
+    if slot.kind == "norm":                      # gamma * (w n + b) + beta
+        w, b = module.bundle_weight, module.bundle_bias
+        s = w if g is None else g * w
+        c = b if g is None else g * b
+        return s, (c if beta is None else c + beta)
     if slot.kind == "bn":                        # the task's BN statistics, then its SSF
         mean, var = _part(rows, slot, "mean"), _part(rows, slot, "var")
         a = torch.rsqrt(var + slot.eps)
@@ -336,6 +350,11 @@ class TaskBundleModule(nn.Module):
             if slot.kind == "linear":
                 bias = module.bias.detach().clone()
                 module.bias = None
+                module.register_buffer("bundle_bias", bias)
+            elif slot.kind == "norm":
+                weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
+                module.weight, module.bias = None, None
+                module.register_buffer("bundle_weight", weight)
                 module.register_buffer("bundle_bias", bias)
             self._hook(module, slot)
         self.register_buffer("table", table if table is not None else

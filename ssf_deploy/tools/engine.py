@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import VerificationError
+from ..errors import UsageError, VerificationError
 from ._common import emit
 
 
@@ -56,17 +56,35 @@ from ._common import emit
 @click.option("--inputs", "inputs_spec", default="2", show_default=True,
               help="N seeded random batches at the opt batch (plus one at min and max), or a "
                    "folder of images (the model's eval transform; up to 8 batches).")
+@click.option("--capacity", type=int,
+              help="A task bundle (ssf-deploy bundle): task slots in the engine; spare ones "
+                   "take tasks added later by `ssf-deploy refit ENGINE --bundle` (default: the "
+                   "bundle's own).")
 @click.option("--warmup", default=10, show_default=True, type=int)
 @click.option("--iters", default=50, show_default=True, type=int, help="Timed runs (median).")
 @click.option("--verbose", is_flag=True, help="TensorRT INFO log (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, workspace_gb,
            min_batch, opt_batch, max_batch, refittable, timing_cache, atol, rtol, inputs_spec,
-           warmup, iters, verbose, as_json):
+           capacity, warmup, iters, verbose, as_json):
     """Build a TensorRT engine from ONNX, compare it with onnxruntime, time it."""
+    from ..bundle.files import is_bundle
     from ..engine import build_checked_engine
 
     try:
+        if is_bundle(onnx_path):     # every task, mixed batches; refittable by default
+            from ..bundle.engine import build_bundle_engine
+            if int8 or fp8 or calib or calib_cache:
+                raise UsageError("a task bundle builds as an fp32/tf32/fp16 engine")
+            report = build_bundle_engine(
+                onnx_path, out, capacity=capacity, fp16=fp16, tf32=tf32, device=device,
+                min_batch=min_batch or 1, opt_batch=opt_batch or 8, max_batch=max_batch or 32,
+                workspace_gb=workspace_gb, timing_cache=timing_cache, atol=atol, rtol=rtol,
+                warmup=warmup, iters=iters, verbose=verbose)
+            emit(report.as_dict(), as_json, str(report) + "\nPASS")
+            return
+        if capacity is not None:
+            raise UsageError("--capacity is for a task bundle (ssf-deploy bundle)")
         report = build_checked_engine(
             onnx_path, out, fp16=fp16, tf32=tf32, int8=int8, fp8=fp8, calib=calib,
             calib_cache=calib_cache, device=device, workspace_gb=workspace_gb,

@@ -17,8 +17,11 @@ from ._common import base_options, emit, load_task
 
 @click.command()
 @click.argument("target", metavar="MODEL.plan|MODEL.onnx", type=click.Path(dir_okay=False))
-@click.option("--pack", required=True, type=click.Path(dir_okay=False),
+@click.option("--pack", type=click.Path(dir_okay=False),
               help="Task pack (.safetensors) to swap in.")
+@click.option("--bundle", "bundle_path", type=click.Path(dir_okay=False),
+              help="For an engine built from a task bundle: give it the bundle's tasks now "
+                   "(after ssf-deploy bundle --into), by refitting its task table.")
 @base_options
 @click.option("--onnx", "onnx_opt", type=click.Path(dir_okay=False),
               help="For a .plan: the ONNX it was built from (default: from the sidecar, else "
@@ -35,11 +38,16 @@ from ._common import base_options, emit, load_task
               help="For a .plan: the CUDA device to refit and run on (cuda or cuda:N).")
 @click.option("--verbose", is_flag=True, help="TensorRT INFO log (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt, out, atol, rtol,
-          n_inputs, batch_size, device, verbose, as_json):
+def refit(target, pack, bundle_path, base_weights, pretrained, allow_base_mismatch, onnx_opt, out,
+          atol, rtol, n_inputs, batch_size, device, verbose, as_json):
     """Refit a TensorRT engine / ONNX Runtime session with a task pack's fused weights."""
     from ..engine import PLAN_SUFFIXES
     from ..refit import refit_onnx, refit_plan
+
+    if bool(pack) == bool(bundle_path):
+        raise UsageError("give --pack (one task) or --bundle (a bundle engine's tasks)")
+    if bundle_path:
+        return _bundle(target, bundle_path, out, device, atol, rtol, verbose, as_json)
 
     is_plan = target.endswith(PLAN_SUFFIXES)
     if not is_plan and not target.endswith(".onnx"):
@@ -54,6 +62,18 @@ def refit(target, pack, base_weights, pretrained, allow_base_mismatch, onnx_opt,
     try:
         report = (refit_plan(target, task, out, onnx=onnx_opt, device=device, verbose=verbose,
                              **kw) if is_plan else refit_onnx(target, task, out, **kw))
+    except VerificationError as e:
+        if e.report is not None:
+            emit(e.report.as_dict(), as_json, str(e.report))
+        raise
+    emit(report.as_dict(), as_json, str(report) + "\nPASS")
+
+
+def _bundle(plan, bundle_path, out, device, atol, rtol, verbose, as_json):
+    from ..bundle.engine import refit_bundle_engine
+    try:
+        report = refit_bundle_engine(plan, bundle_path, out, device=device, atol=atol,
+                                     rtol=rtol, verbose=verbose)
     except VerificationError as e:
         if e.report is not None:
             emit(e.report.as_dict(), as_json, str(e.report))
