@@ -25,6 +25,7 @@ from .errors import (BaseMismatchError, CheckpointError, FuseError, SSFDeployErr
 from .formats import Task, build_model, read_task
 from .formats.checkpoint import save_task
 from .fuse import FuseReport, fuse, fuse_with_report
+from .gate import DeploymentCheck, check_deployment
 from .models import count_params, create_base_model
 from .quantize import QuantizeConfig, QuantizeReport, quantize_onnx
 from .tuners import METHODS, apply_method, load_trainable_state, method_of, trainable_state_dict
@@ -38,4 +39,5 @@ __all__ = ["SSFDeployError", "UsageError", "CheckpointError", "BaseMismatchError
            "fuse_with_report", "FuseReport", "verify", "compare", "VerifyReport", "deploy",
            "DeployReport", "Task", "read_task", "build_model", "save_task", "quantize_onnx",
            "QuantizeConfig", "QuantizeReport", "bundle", "add_tasks", "remove_tasks",
-           "verify_bundle", "task_table", "BundleReport", "BundleRunner"]
+           "verify_bundle", "task_table", "BundleReport", "BundleRunner",
+           "check_deployment", "DeploymentCheck"]
