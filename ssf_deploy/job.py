@@ -3,8 +3,10 @@
 The built-in dataset is split into two tasks — upstream shapes and downstream textures — so the
 run is a real transfer: full pre-training upstream -> shared base weights -> SSF fine-tuning on
 the downstream classes -> fuse -> verify -> ONNX (checker, onnxsim) -> onnxruntime top-1 on the
-downstream val set -> INT8 next to fp32 -> optional cost benchmark. Everything lands in one work
-folder; ``ssf-deploy run`` only parses options and prints.
+downstream val set -> INT8 next to fp32 -> many tasks on one backbone (a second SSF task on the
+upstream classes, both in one bundle that runs mixed-task batches, each task's val top-1 through
+it next to its own model's) -> optional cost benchmark. Everything lands in one work folder;
+``ssf-deploy run`` only parses options and prints.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ __all__ = ["MainJobConfig", "MainJobReport", "run_main_job", "UPSTREAM", "DOWNST
 UPSTREAM = ("circle", "square", "triangle", "ring", "cross")
 DOWNSTREAM = ("diamond", "hstripes", "vstripes", "checker", "dots")
 ARTEFACTS = ("base.safetensors", "ssf.pt", "model.onnx", "task.safetensors", "fused.safetensors",
-             "model.int8.onnx")
+             "model.int8.onnx", "ssf-shapes.pt", "tasks.onnx")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class MainJobConfig:
     workdir: str = os.path.join("models", "run")
     seed: int = 0
     bench: bool = True
+    bundle: bool = True                # a second task and the two-task bundle
     progress: bool = True              # training progress bars and logs
 
 
@@ -67,6 +70,20 @@ def _split(builtin: str, workdir: str, name: str, classes) -> str:
             if not os.path.lexists(link):
                 os.symlink(os.path.abspath(os.path.join(builtin, split, c)), link)
     return root
+
+
+class _TaskLogits(nn.Module):
+    """One task's columns of a bundle, every sample of the batch asking for that task."""
+
+    def __init__(self, runner, index: int, classes: int):
+        super().__init__()
+        self.runner, self.index, self.classes = runner, index, classes
+
+    def forward(self, x):
+        import numpy as np
+        import torch
+        out = self.runner(x, np.full(x.shape[0], self.index, dtype=np.int64))
+        return torch.from_numpy(out[:, : self.classes])
 
 
 class _Logits(nn.Module):
@@ -115,23 +132,23 @@ def run_main_job(cfg: Optional[MainJobConfig] = None, *,
     base_file = os.path.join(work, "base.safetensors")
     up = None
     if cfg.pretrain_epochs > 0:
-        say(f"[1/4] upstream pre-training: {arch}, full training on {', '.join(UPSTREAM)}, "
+        say(f"[1/5] upstream pre-training: {arch}, full training on {', '.join(UPSTREAM)}, "
             f"{cfg.pretrain_epochs} epochs")
         up = train(TrainConfig(method="full", epochs=cfg.pretrain_epochs, lr=5e-3, data=upstream,
                                out=os.path.join(work, "upstream.pt"), **common))
         base_model = build_model(read_task(up.checkpoint))
     else:
-        say("[1/4] no pre-training: random-init base weights")
+        say("[1/5] no pre-training: random-init base weights")
         base_model = create_base_model(arch, len(UPSTREAM), **cfg.model_kwargs)
     save_safetensors(base_model.state_dict(), base_file)
 
-    say(f"[2/4] SSF fine-tuning on {', '.join(DOWNSTREAM)} from {base_file}, {cfg.epochs} epochs")
+    say(f"[2/5] SSF fine-tuning on {', '.join(DOWNSTREAM)} from {base_file}, {cfg.epochs} epochs")
     res = train(TrainConfig(method="ssf", epochs=cfg.epochs, lr=1e-2, warmup_epochs=1, data=data,
                             pretrained_file=base_file, out=os.path.join(work, "ssf.pt"),
                             **common))
     model = build_model(read_task(res.checkpoint), base_weights=base_file)
 
-    say("[3/4] fuse -> verify -> ONNX -> onnxruntime")
+    say("[3/5] fuse -> verify -> ONNX -> onnxruntime")
     loaders = make_loaders(data, image_size=cfg.image_size, batch_size=cfg.batch_size,
                            seed=cfg.seed, data_config=data_config(model=model))  # as train() did
     val_batches = [x for x, _ in loaders.val][:4]
@@ -171,8 +188,14 @@ def run_main_job(cfg: Optional[MainJobConfig] = None, *,
         f"{q.agreement:.2f}%, latency {q.latency['int8_ms']:.3f} vs {q.latency['fp32_ms']:.3f} "
         f"ms ({q.latency['ratio']:.2f}x, batch 1, interleaved median) -> {q.written}")
 
+    if cfg.bundle:
+        result["bundle"] = _bundle_step(cfg, common, work, base_file, upstream, model,
+                                        loaders, top1_torch, say)
+    else:
+        say("[4/5] bundle skipped")
+
     if cfg.bench:
-        say("[4/4] cost benchmark (tiny ViT, CPU): base, full, ssf, ssf-fused, vpt-deep side by "
+        say("[5/5] cost benchmark (tiny ViT, CPU): base, full, ssf, ssf-fused, vpt-deep side by "
             "side")
         bcfg = BenchConfig(arch="test_vit", model_kwargs={"img_size": 32, "patch_size": 4},
                            num_classes=5, batch_size=16, image_size=32, device="cpu", amp=False,
@@ -183,7 +206,47 @@ def run_main_job(cfg: Optional[MainJobConfig] = None, *,
         result["bench"] = {"model": bench["model"], "rows": [r["method"] for r in bench["results"]],
                            "json": os.path.join(work, "bench.json")}
     else:
-        say("[4/4] benchmark skipped")
+        say("[5/5] benchmark skipped")
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result["workdir"] = work
     return MainJobReport(result, work)
+
+
+def _bundle_step(cfg, common, work, base_file, upstream, textures, loaders, top1_textures,
+                 say) -> dict:
+    """Many tasks, one backbone: a second SSF task (the upstream shapes, on the same base), both
+    tasks in one bundle; each task's val top-1 through the bundle next to its own model's."""
+    from .bundle import BundleRunner, bundle
+    from .data import make_loaders
+    from .formats import build_model, read_task
+    from .runtime import data_config
+    from .train import TrainConfig, evaluate, train
+
+    say(f"[4/5] many tasks, one backbone: SSF on {', '.join(UPSTREAM)} as a second task, then "
+        f"both in one bundle (mixed-task batches)")
+    res = train(TrainConfig(method="ssf", epochs=cfg.epochs, lr=1e-2, warmup_epochs=1,
+                            data=upstream, pretrained_file=base_file,
+                            out=os.path.join(work, "ssf-shapes.pt"), **common))
+    shapes = build_model(read_task(res.checkpoint), base_weights=base_file)
+    path = os.path.join(work, "tasks.onnx")
+    rep = bundle([os.path.join(work, "ssf.pt"), res.checkpoint], out=path,
+                 names=["textures", "shapes"], base_weights=base_file)
+    say(str(rep))
+    up = make_loaders(upstream, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                      seed=cfg.seed, data_config=data_config(model=shapes))
+    runner = BundleRunner(path)
+    top1 = {}
+    for name, model, val, own in (("textures", textures, loaders.val, top1_textures),
+                                  ("shapes", shapes, up.val, None)):
+        t = runner.tasks[name]
+        own = evaluate(model.eval(), val, "cpu") if own is None else own
+        via = evaluate(_TaskLogits(runner, int(t["index"]), int(t["num_classes"])), val, "cpu")
+        top1[name] = {"own_model": own, "bundle": via}
+        say(f"  {name}: val top-1 {via:.2f}% through the bundle, {own:.2f}% with its own model")
+    if any(v["own_model"] != v["bundle"] for v in top1.values()):
+        raise VerificationError("a task scores differently through the bundle than with its own "
+                                "model")
+    return {"path": path, "passed": rep.passed, "tasks": rep.tasks, "val_top1": top1,
+            "gate": {k: v for k, v in rep.gate.as_dict().items() if k != "tasks"},
+            "graph": {k: rep.graph[k] for k in ("nodes", "base_nodes", "extra_nodes")},
+            "row_bytes": rep.sizes["row_bytes"], "backbone_bytes": rep.sizes["backbone_bytes"]}

@@ -26,9 +26,11 @@ from ..errors import UsageError
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--bench/--no-bench", default=True, show_default=True,
               help="Finish with a small side-by-side cost benchmark.")
+@click.option("--bundle/--no-bundle", default=True, show_default=True,
+              help="Train a second task on the same base and serve both from one bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, workdir, seed, bench,
-        as_json):
+        bundle, as_json):
     """Train SSF, fuse, verify, export and check ONNX end to end on built-in data, offline."""
     from ..job import MainJobConfig, run_main_job
 
@@ -38,7 +40,8 @@ def run(arch, model_kwargs, image_size, pretrain_epochs, epochs, batch_size, wor
         raise UsageError(f"--model-kwargs is not JSON: {e}") from e
     cfg = MainJobConfig(arch=arch, model_kwargs=kwargs, image_size=image_size,
                         pretrain_epochs=pretrain_epochs, epochs=epochs, batch_size=batch_size,
-                        workdir=workdir, seed=seed, bench=bench, progress=not as_json)
+                        workdir=workdir, seed=seed, bench=bench, bundle=bundle,
+                        progress=not as_json)
     report = run_main_job(cfg, say=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
