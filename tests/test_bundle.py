@@ -67,12 +67,15 @@ def _task(tmp, family, base_file, seed, classes, *, name=None, kind="pt"):
         for n, b in m.named_buffers():      # BN trains its statistics with the task
             if n.endswith("running_mean"):
                 b.add_(torch.randn(b.shape, generator=g) * 0.1)
-    path = os.path.join(tmp, f"{name or f'{family}{seed}'}.{'pt' if kind == 'pt' else 'safetensors'}")
+    stem = os.path.join(tmp, name or f"{family}{seed}")
+    save_task(m, stem + ".pt", image_size=size)
     if kind == "pt":
-        save_task(m, path, image_size=size)
-    else:
-        save_pack(m.eval(), path)
-    return path, m
+        return stem + ".pt", m
+    # a pack as users write one: from the checkpoint, rebuilt on its base (fuse --save-pack)
+    rebuilt = ssf_deploy.build_model(ssf_deploy.read_task(stem + ".pt"), base_weights=base_file)
+    save_pack(rebuilt, stem + ".safetensors")
+    os.unlink(stem + ".pt")
+    return stem + ".safetensors", m
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +148,8 @@ def test_families(tmp_path, family):
     """Swin runs windows (B * nW rows per site), ConvNeXt channels-first norms, ResNet its
     BatchNorm statistics per task: each still matches its tasks exactly."""
     base = _base(str(tmp_path), family)
-    paths = [_task(str(tmp_path), family, base, s, c)[0] for s, c in [(1, 4), (2, 6)]]
+    paths = [_task(str(tmp_path), family, base, s, c, kind=k)[0]     # a checkpoint and a pack
+             for s, c, k in [(1, 4, "pt"), (2, 6, "pack")]]
     rep = ssf_deploy.bundle(paths, out=str(tmp_path / "b.onnx"), base_weights=base)
     assert rep.passed and rep.gate.fused_checked == 2
     assert rep.gate.worst("recorded") < 1e-4 and rep.gate.worst("fused") < 1e-4

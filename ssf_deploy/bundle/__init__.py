@@ -181,6 +181,12 @@ def _image_size(task: Task) -> Optional[int]:
     return task.image_size
 
 
+def _plain(kwargs: dict) -> str:
+    """Model kwargs as JSON: a checkpoint's tuple and a pack's list are the same setting."""
+    import json
+    return json.dumps(kwargs, sort_keys=True, default=str)
+
+
 def _check_same(entries: list[_Entry], ref: dict) -> None:
     """One line for the first task that cannot share ``ref`` (arch, kwargs, size, base, names)."""
     seen = set(ref.get("names", ()))
@@ -189,7 +195,7 @@ def _check_same(entries: list[_Entry], ref: dict) -> None:
         if t.arch != ref["arch"]:
             raise UsageError(f"{where} is a '{t.arch}' task; the bundle's tasks are "
                              f"'{ref['arch']}': one bundle shares one architecture")
-        if dict(t.model_kwargs) != dict(ref["model_kwargs"]):
+        if _plain(t.model_kwargs) != _plain(ref["model_kwargs"]):
             raise UsageError(f"{where} was trained with model kwargs {t.model_kwargs}; the "
                              f"bundle's tasks with {ref['model_kwargs']}")
         if _image_size(t) != ref["image_size"]:
