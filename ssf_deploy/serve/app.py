@@ -6,11 +6,13 @@ queued requests, whatever their tasks, into one batch of images with one task in
 and the bundle runs it once. Each response carries only its own task's classes.
 
 A task change is a new version in the repository. ``ssf-deploy serve`` redeploys with a new
-``user_config`` (on SIGHUP, or when ``--poll`` finds the version): Ray Serve calls
-:meth:`SSFModel.reconfigure` on every replica in place, which builds the new session in a
-thread while the old one keeps serving, then swaps them between two batches. A batch maps task
-names to indices with the session it runs on, so no request reaches a task through another
-version's table.
+``user_config`` (on SIGHUP, or when ``--poll`` finds the version). Ray Serve applies it as a
+rolling update (measured with Ray 2.60's ``serve.run``): a new replica loads the newest version
+and passes its health check before the old one stops taking requests and drains, so no request
+fails. Where Ray reconfigures a running replica in place instead, :meth:`SSFModel.reconfigure`
+builds the new session in a thread while the old one serves, and swaps them between two
+batches. A batch maps task names to indices with the session it runs on, so no request reaches
+a task through another version's table.
 
 The module needs Ray Serve and the FastAPI it ships; it is imported only when a server starts.
 """

@@ -4,7 +4,8 @@ model of the repository; the process stays in front until SIGTERM/SIGINT.
 * Loopback by default (``host="127.0.0.1"``); ``--host 0.0.0.0`` exposes it.
 * Task changes: SIGHUP (Triton's explicit model control: nothing changes until asked) or
   ``poll`` seconds (Triton's poll mode) redeploys every model whose repository has a newer
-  version, with a new ``user_config``: Ray Serve reconfigures the running replicas in place.
+  version, with a new ``user_config``: Ray Serve rolls the replicas (the new one loads the
+  version and passes its health check before the old one drains), no request fails.
 * Health: Ray Serve's ``/-/healthz`` and ``/-/routes``, and per model ``/<model>/ready``.
   Metrics: Ray's Prometheus endpoint on ``metrics_port`` (Ray Serve's own request metrics and
   this server's ``ssf_*`` batch metrics); per model ``/<model>/stats`` as JSON.
