@@ -2,8 +2,9 @@
 
 One replica holds one onnxruntime session of the newest version. Requests name their task; each
 is validated at the edge (task, dtype, shape, size) and queued; ``@serve.batch`` gathers the
-queued requests, whatever their tasks, into one batch of images with one task index per image,
-and the bundle runs it once. Each response carries only its own task's classes.
+queued requests, whatever their tasks, and whenever the model is free everything waiting runs as
+one batch of images with one task index per image (see ``_run``). Each response carries only its
+own task's classes.
 
 A task change is a new version in the repository. ``ssf-deploy serve`` redeploys with a new
 ``user_config`` (on SIGHUP, or when ``--poll`` finds the version). Ray Serve applies it as a
@@ -279,6 +280,8 @@ def build_app(model_dir: str, *, name: str, max_batch_size: Optional[int] = None
             self.metrics = _metrics(name)
             self.reloads = []
             self.reload_lock = asyncio.Lock()
+            self.waiting = collections.deque()     # (Ray's batch, future) waiting for the model
+            self.worker = None
             self._run.set_max_batch_size(mbs)
             self._run.set_batch_wait_timeout_s(wait)
             self._gauge()
@@ -318,9 +321,45 @@ def build_app(model_dir: str, *, name: str, max_batch_size: Optional[int] = None
 
         # ---------------------------------------------------------------- batching
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002,
+        # Ray Serve 2.60 forms the next batch as soon as the previous one has started (it then
+        # waits for a free slot of max_concurrent_batches), so under load a slow model would
+        # run many one-request batches back to back. The batches Ray forms are therefore handed
+        # over at once (many concurrent slots) and coalesced here: whenever the model is free,
+        # everything waiting runs as one batch of up to max_batch_size images, whatever the
+        # tasks (what Triton's dynamic batcher does).
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=1024,
                      batch_size_fn=lambda items: sum(i.n for i in items))
         async def _run(self, items: list) -> list:
+            fut = asyncio.get_running_loop().create_future()
+            self.waiting.append((items, fut))
+            if self.worker is None or self.worker.done():
+                self.worker = asyncio.ensure_future(self._drain())
+            return await fut
+
+        async def _drain(self):
+            while self.waiting:
+                groups, n = [], 0
+                while self.waiting and (not groups or
+                                        n + sum(i.n for i in self.waiting[0][0]) <= self.mbs):
+                    items, fut = self.waiting.popleft()
+                    groups.append((items, fut))
+                    n += sum(i.n for i in items)
+                flat = [it for items, _ in groups for it in items]
+                try:
+                    out = await self._execute(flat)
+                except Exception as e:           # answered, never left hanging
+                    for _, fut in groups:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                at = 0
+                for items, fut in groups:
+                    if not fut.done():
+                        fut.set_result(out[at:at + len(items)])
+                    at += len(items)
+
+        async def _execute(self, items: list) -> list:
             cur = self.current               # one version for the whole batch
             out: list = [None] * len(items)
             keep = []

@@ -469,7 +469,9 @@ def _publish(repo: str, model: str, fill, *, kind_check: Optional[str] = None,
 
 def _check_loads(path: str, sig: Signature) -> None:
     """onnxruntime creates a session from the staged file (its external data resolved from
-    the version folder) and runs one sample per task: the version serves before it exists."""
+    the version folder) and runs one sample for each of up to 4 tasks (first, last and two
+    between: a 1000-task bundle is checked in one small batch): the version serves before it
+    exists. Exactness is the bundle's gate's job, not this check's."""
     import numpy as np
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -477,17 +479,18 @@ def _check_loads(path: str, sig: Signature) -> None:
     opts.intra_op_num_threads = 1
     try:
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        n = len(sig.tasks)
+        picks = sorted({0, len(sig.tasks) - 1, len(sig.tasks) // 3, 2 * len(sig.tasks) // 3})
+        n = len(picks)
         feed = {sig.images: np.zeros((n, *sig.chw), np.float32)}
         if sig.task:
-            feed[sig.task] = np.array([t["index"] for t in sig.tasks], np.int64)
+            feed[sig.task] = np.array([sig.tasks[i]["index"] for i in picks], np.int64)
         out = sess.run([sig.logits], feed)[0]
     except Exception as e:
         raise SSFDeployError(f"onnxruntime cannot run the staged model version: "
                              f"{first_line(e)}") from None
     if out.shape != (n, sig.classes) or not np.isfinite(out).all():
         raise SSFDeployError(f"the staged model version gives {out.shape} logits "
-                             f"(finite: {bool(np.isfinite(out).all())}) for its {n} task(s)")
+                             f"(finite: {bool(np.isfinite(out).all())}) for {n} of its tasks")
 
 
 def _trt_variant(repo: str, model: str, engine: str, source: str, sig: Signature,
