@@ -303,6 +303,7 @@ def test_tasks_change_while_serving_without_a_failed_request(served):
             except ServeError as e:
                 errors.append((task, s, e.status, str(e)))
             i += 1
+            time.sleep(0.05)      # steady traffic, not a CPU hog next to the CLI's own work
     threads = [threading.Thread(target=keep_asking, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()

@@ -42,7 +42,7 @@ def serve(repo, models, host, port, max_batch_size, batch_wait_ms, threads, repl
     for opt, v in (("--port", port), ("--replicas", replicas), ("--max-batch-size",
                    max_batch_size), ("--threads", threads), ("--metrics-port", metrics_port),
                    ("--num-cpus", num_cpus)):
-        if v is not None and v < (0 if opt == "--port" else 1):
+        if v is not None and v < 1:
             raise UsageError(f"{opt} must be >= 1, got {v}")
     if poll is not None and poll <= 0:
         raise UsageError(f"--poll must be > 0 seconds, got {poll}")
