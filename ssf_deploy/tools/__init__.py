@@ -29,6 +29,7 @@ TOOLS = {
     "engine": ("engine", "engine", "Build a TensorRT engine from ONNX and check it."),
     "refit": ("refit", "refit", "Refit a TensorRT engine / ONNX Runtime session with a task pack."),
     "bundle": ("bundle", "bundle", "Put N SSF tasks in one model serving mixed-task batches."),
+    "serve": ("serve", "serve", "Serve a Triton model repository's bundles (Ray Serve, CPU)."),
     "quantize": ("quantize", "quantize", "Static INT8 (onnxruntime QDQ), checked against fp32."),
     "bench": ("bench", "bench", "Benchmark cost of every tuning method (Fig. 3, Table 2)."),
 }
