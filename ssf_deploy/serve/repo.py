@@ -500,14 +500,15 @@ def _trt_variant(repo: str, model: str, engine: str, source: str, sig: Signature
     The engine is a snapshot of the tasks it was built from (their rows are baked in), so its
     sidecar must name this bundle graph (sha256); its optimisation profile bounds the batch.
     """
-    from ..engine import read_sidecar, sha256_file
+    from ..engine import read_sidecar
+    from ..fileio import sha256_of
     if not os.path.isfile(engine):
         raise UsageError(f"engine not found: {engine}")
     side = read_sidecar(engine)
     if not side:
         raise UsageError(f"{engine} has no sidecar ({engine}.json, written by ssf-deploy "
                          f"engine): the engine cannot be tied to this bundle's tasks")
-    if side.get("onnx_sha256") != sha256_file(source):
+    if side.get("onnx_sha256") != sha256_of(source):
         raise UsageError(f"{engine} was built from another graph than {source} (sha256 in its "
                          f"sidecar differs): rebuild it from this bundle, its tasks are baked in")
     top = int((side.get("batch") or {}).get("max") or 0)
