@@ -128,6 +128,10 @@ class DeployReport:
         return "\n".join(lines)
 
 
+def _because(r: VerifyReport) -> str:
+    return f" ({r.why()})" if r.non_finite else ""
+
+
 def _say(progress: Progress, msg: str) -> None:
     if progress is not None:
         progress(msg)
@@ -207,7 +211,8 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
         r = golden.check(candidate, name, atol=atol, rtol=rtol, per_sample=per_sample)
         report.checks.append(r)
         if not r.passed:
-            fail(f"{name} does not reproduce the outputs recorded when the task was trained")
+            fail(f"{name} does not reproduce the outputs recorded when the task was trained"
+                 f"{_because(r)}")
 
     with _stage(report, "reconstruction vs recorded", progress):
         golden_check(model, "unfused (rebuilt)")
@@ -224,8 +229,9 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
         return r
 
     with _stage(report, "verify fused", progress):
-        if not check("fused (PyTorch)", fused).passed:
-            fail("the fused PyTorch model does not match the unfused model")
+        r = check("fused (PyTorch)", fused)
+        if not r.passed:
+            fail(f"the fused PyTorch model does not match the unfused model{_because(r)}")
         golden_check(fused, "fused (PyTorch)")
 
     # every output is a temp file; all are renamed, then their manifest written, only when the
@@ -265,8 +271,9 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                 batches = inputs if dynamic_batch else [x[i:i + 1] for x in inputs
                                                         for i in range(x.shape[0])]
                 runner = OrtRunner(tmp)
-                if not check("fused (onnxruntime)", runner, batches).passed:
-                    fail("onnxruntime output does not match the unfused model")
+                r = check("fused (onnxruntime)", runner, batches)
+                if not r.passed:
+                    fail(f"onnxruntime output does not match the unfused model{_because(r)}")
                 if golden is not None and golden.image_size != example.shape[-1]:
                     report.notes.append(f"golden probe recorded at {golden.image_size} px, ONNX "
                                         f"exported at {example.shape[-1]} px: not compared")

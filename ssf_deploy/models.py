@@ -13,9 +13,32 @@ from .errors import (BaseMismatchError, CheckpointError, SSFDeployError, UsageEr
 from .fileio import check_manifest
 
 __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
-           "input_size", "head_modules", "count_params", "example_input", "sized_kwargs"]
+           "input_size", "head_modules", "count_params", "example_input", "sized_kwargs",
+           "check_finite"]
 
 CREATE_RECORD = "ssf_deploy_create"
+
+
+def check_finite(tensors, where: str, names: Optional[dict] = None) -> None:
+    """Refuse, in one line, the first floating-point tensor holding a NaN or an Inf.
+
+    Loaded values are bad input when they are not finite numbers: a NaN in one factor would
+    otherwise fold into every weight it touches and surface only as a failed comparison after
+    the work. ``tensors``: a dict or (name, tensor) pairs; ``names`` maps a name to how the
+    file spells it (an official checkpoint's own key)."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    for name, t in items:
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        if bool(torch.isfinite(t).all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        inf = int(torch.isinf(t).sum())
+        what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+        spelled = (names or {}).get(name)
+        label = f"'{name}'" + (f" ({spelled})" if spelled and spelled != name else "")
+        raise CheckpointError(f"{where}: tensor {label} holds {what} of {t.numel()} value(s); "
+                              f"refusing non-finite numbers")
 
 
 def resolve_arch(arch: str) -> str:
@@ -66,6 +89,7 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
         load_base_weights(model, pretrained_file, arch=arch)
         source = f"file:{os.path.basename(pretrained_file)}"
     elif pretrained:
+        check_finite(model.state_dict(), f"the timm hub weights of {arch}")
         cfg = getattr(model, "pretrained_cfg", None) or {}
         source = "timm-hub:" + (cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag') or ''}".rstrip("."))
     else:
@@ -118,8 +142,10 @@ def load_base_weights(model: nn.Module, path: str, arch: Optional[str] = None) -
             model.load_pretrained(path)
         except Exception as e:
             raise BaseMismatchError(f"base weights {path} do not fit {arch}: {first_line(e)}") from None
+        check_finite(model.state_dict(), f"base weights {path}")
         return
     state = _read_weights(path)
+    check_finite(state, f"base weights {path}")
     own = model.state_dict()
     if set(state) != set(own):
         import sys

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
-from ..models import create_base_model, creation_record
+from ..models import check_finite, create_base_model, creation_record
 from ..tuners import apply_method, check_trainable_state, load_trainable_state
 from .provenance import check_base, describe_base
 
@@ -72,8 +72,9 @@ def check_task(task: Task) -> Task:
     Every reader's result goes through here before a model is built, so a malformed file (a
     factor that is the number 1.0, options that are not a dict, a golden probe of the wrong
     size) is a :class:`~ssf_deploy.errors.CheckpointError` naming the field, never an
-    ``AttributeError`` from deep inside the rebuild. Shapes against the model are checked by
-    :func:`build_model`.
+    ``AttributeError`` from deep inside the rebuild; so is a NaN or Inf in any tensor (named as
+    the file spells it: ``extra["origin"]``), before anything is folded or exported. Shapes
+    against the model are checked by :func:`build_model`.
     """
     where = task.path or "the checkpoint"
 
@@ -143,6 +144,10 @@ def check_task(task: Task) -> Task:
         for field in ("input_sha256", "recorded", "device", "dtype"):
             if field in probe and not isinstance(probe[field], str):
                 bad(f"probe.{field}", probe[field], "a string")
+        check_finite({"probe.logits": logits}, where)
+    origin = extra.get("origin")
+    check_finite(task.state, where, {k: f"'{v}' in the file" for k, v in origin.items()}
+                 if isinstance(origin, dict) else None)
     return task
 
 

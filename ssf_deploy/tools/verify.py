@@ -86,7 +86,8 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     anchor = anchor_of(model)
     text = [f"base: {anchor['base']}", f"golden probe: {anchor['probe']}"]
     text += [str(r) for r in reports]
-    failed = [f"{r.candidate} vs {r.reference}" for r in reports if not r.passed]
+    failed = [f"{r.candidate} vs {r.reference}" + (f" ({r.why()})" if r.non_finite else "")
+              for r in reports if not r.passed]
     emit({"passed": ok, "anchor": anchor, "reports": [r.as_dict() for r in reports]}, as_json,
          "\n".join(text) + f"\n{'PASS' if ok else 'FAIL'}")
     if not ok:
