@@ -115,8 +115,12 @@ class DeployReport:
                 lines.append(f"ONNX: {f['nodes']} nodes, {f['parameters']:,} parameters "
                              f"(base graph not compared)")
             else:
+                extra = self.onnx.get("extra_nodes", 0)
+                diff = ", ".join(f"{op} {n:+d}" for op, n in (self.onnx.get("ops_diff") or
+                                                                {}).items())
                 lines.append(f"ONNX: {f['nodes']} nodes (base export: {b['nodes']}"
-                             f"{', cached' if self.onnx.get('base_cached') else ''}), op histogram "
+                             f"{', cached' if self.onnx.get('base_cached') else ''}"
+                             f"{f'; {extra:+d} node(s): {diff}' if diff else ''}), op histogram "
                              f"{'identical to' if self.onnx['same_graph_as_base'] else 'DIFFERENT from'}"
                              f" the base export, {f['parameters']:,} parameters "
                              f"(base {b['parameters']:,})")
@@ -180,17 +184,26 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
            save_weights: Optional[str] = None, save_pack: Optional[str] = None,
            pack_info: Optional[dict] = None, compare_graph: str = "cached",
            graph_key: Optional[dict] = None, strict_graph: bool = False,
-           onnx_metadata: Optional[dict] = None, progress: Progress = None) -> DeployReport:
+           onnx_metadata: Optional[dict] = None, progress: Progress = None,
+           allow_extra_nodes: bool = False) -> DeployReport:
     """Fold ``model``'s SSF, verify the result, and write the requested artefacts.
 
     ``compare_graph``: ``"always"`` exports the base graph to compare node counts, ``"cached"``
     (default) reuses earlier statistics for the same ``graph_key``, ``"never"`` skips it.
+    ``allow_extra_nodes``: deploy a model whose forward the base graph cannot compute (graph
+    edits with no fold, see :func:`~ssf_deploy.fuse.fuse_with_report`) with those nodes added,
+    reported against the base export.
     Raises :class:`VerificationError` (with ``.report``) when any check fails; nothing is written.
     """
     from .export import OrtRunner, export_onnx, export_proto, graph_stats
+    from .models import edits_of, plain_architecture
     from .tuners import unload
 
     check_writable(out, save_weights, save_pack)    # before the work, not after it
+    if save_pack and edits_of(model):
+        raise UsageError("a task pack rebuilds the task on the plain timm architecture, and this "
+                         "model's forward needs graph edits (" + ", ".join(edits_of(model)) +
+                         "): deploy the checkpoint itself, without --save-pack")
     model = model.eval()
     inputs = list(inputs)
     report = DeployReport(fuse=FuseReport(), anchor=anchor_of(model))
@@ -217,7 +230,8 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     with _stage(report, "reconstruction vs recorded", progress):
         golden_check(model, "unfused (rebuilt)")
     with _stage(report, "fuse", progress):
-        fused, report.fuse = fuse_with_report(model, inputs[0][:2])
+        fused, report.fuse = fuse_with_report(model, inputs[0][:2],
+                                              allow_extra_nodes=allow_extra_nodes)
     with _stage(report, "reference outputs", progress):
         reference = run_outputs(model, inputs)
 
@@ -248,7 +262,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
             report.onnx = {"fused": info, "base": None, "same_graph_as_base": None}
             if compare_graph != "never":
                 def base_stats() -> dict:
-                    base = unload(copy.deepcopy(model))
+                    base = plain_architecture(unload(copy.deepcopy(model)))
                     return graph_stats(export_proto(base, example=example, opset=opset,
                                                     dynamic_batch=dynamic_batch,
                                                     simplify=simplify))
@@ -261,8 +275,15 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                                    base=(prov.get("base_check") or {}).get("actual"))
                         base_info, cached = graph_stats_cached(key, base_stats)
                 same = base_info["nodes"] == info["nodes"] and base_info["ops"] == info["ops"]
-                report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached)
-                if not same:
+                ops = sorted(set(base_info["ops"]) | set(info["ops"]))
+                diff = {op: info["ops"].get(op, 0) - base_info["ops"].get(op, 0) for op in ops}
+                report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached,
+                                   extra_nodes=info["nodes"] - base_info["nodes"],
+                                   ops_diff={k: v for k, v in diff.items() if v})
+                if not same and report.fuse.extra_nodes:
+                    report.notes.append("the fused graph differs from the base export by the "
+                                        "node(s) the fuse report lists")
+                elif not same:
                     report.notes.append(
                         "the exporter folds equal initializers (e.g. the all-zero biases of an "
                         "untrained base) differently; compare with a trained base"

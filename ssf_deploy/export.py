@@ -23,10 +23,12 @@ from torch import nn
 
 from .errors import SSFDeployError, first_line
 from .fileio import atomic_path, check_manifest
+from .fuse import FP16_MAX
 from .models import example_input
 
 __all__ = ["export_onnx", "export_proto", "graph_stats", "OrtRunner", "initializer_map",
-           "read_metadata", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME"]
+           "read_metadata", "fp16_range_issues", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME",
+           "FP16_MAX"]
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -112,6 +114,34 @@ def graph_stats(proto: onnx.ModelProto) -> dict:
             "parameters": int(sum(np.prod(i.dims) for i in proto.graph.initializer
                                   if i.data_type in (onnx.TensorProto.FLOAT,
                                                      onnx.TensorProto.FLOAT16)))}
+
+
+def fp16_range_issues(proto: onnx.ModelProto, limit: float = FP16_MAX) -> list:
+    """``[(tensor name, largest |value|)]`` of the float weights an fp16 engine cannot hold.
+
+    Initializers and Constant nodes whose largest magnitude is beyond ``limit`` (or not finite),
+    largest first. A fold can legitimately write such values (the official ConvNeXt's shift
+    through a tiny layer scale: t / g); fp32 runs them exactly, fp16 turns them into inf.
+    """
+    def tensors():
+        yield from proto.graph.initializer
+        for node in proto.graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        yield attr.t
+    out = []
+    for t in tensors():
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                               onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            continue
+        a = onnx.numpy_helper.to_array(t)
+        if not a.size:
+            continue
+        m = float(np.abs(a.astype(np.float64)).max())
+        if not m <= limit:
+            out.append((t.name, m))
+    return sorted(out, key=lambda x: -x[1] if x[1] == x[1] else float("-inf"))
 
 
 def _fingerprint(a: np.ndarray) -> int:

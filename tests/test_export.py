@@ -219,3 +219,28 @@ def test_verify_inputs_from_an_image_folder(tmp_path, capsys):
              and r["reference"] == "unfused (PyTorch)"]
     assert fused[0]["outputs"][0]["shape"] == [5, 5]
     assert main(["verify", ckpt, "--base-weights", base, "--inputs", str(tmp_path / "none")]) == 2
+
+
+def test_fp16_range_issues_and_engine_fp16_refuses_them(tmp_path, capsys):
+    """A fold may write values fp32 holds and fp16 cannot (issue 19: the official ConvNeXt's
+    shift through a tiny layer scale, t / g ~ 1e5). fp16_range_issues finds them in a real
+    exported ONNX; ``engine --fp16`` refuses such a model in one line before TensorRT is even
+    imported (so this runs without a GPU), an fp32 engine build is not affected by the check."""
+    from ssf_deploy.export import FP16_MAX, fp16_range_issues
+    model = make_model("vit").eval()
+    path = str(tmp_path / "ok.onnx")
+    export_onnx(model, path, image_size=32)
+    assert fp16_range_issues(onnx.load(path)) == []
+    with torch.no_grad():
+        model.head.bias[3] = -1.5e5
+        model.blocks[0].mlp.fc2.weight[0, 0] = 7e4
+    big = str(tmp_path / "big.onnx")
+    export_onnx(model, big, image_size=32)
+    issues = fp16_range_issues(onnx.load(big))
+    assert [round(v) for _, v in issues] == [150000, 70000] and FP16_MAX == 65504
+    assert issues[0][0] in ("head.bias",) or "head" in issues[0][0]
+    rc = main(["engine", big, "--out", str(tmp_path / "m.plan"), "--fp16"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "65504" in err[0] and "1.5e+05" in err[0] \
+        and "(and 1 more)" in err[0], err
+    assert not os.path.exists(tmp_path / "m.plan")

@@ -30,12 +30,17 @@ measured against dongzelian/SSF@e94e0e7 on timm 0.6.5 (224 px, 100 classes, ever
   (4.4e-3 if ignored): then the stem norm is corrected too.
 * **A factor after the last ConvNeXt stage.** With pool -> head.norm ordering (every ConvNeXt but
   ``*_hnf``) ``norm_pre`` is Identity and the top-level ``ssf_scale_1/ssf_shift_1`` (s, t) scales the
-  last stage's residual output, where ssf-deploy has no site. It folds exactly through that stage's
-  residual stream into the stream's own SSF sites (``stream``, see :func:`_fold_stream`).
+  last stage's residual output, where timm has no module. The rebuilt model computes exactly that:
+  ``norm_pre`` becomes a per-channel affine holding (s, t) (a graph edit, ``ssf_deploy.models``) whose
+  record says how it folds: through that stage's residual stream into the stream's own SSF sites,
+  which ``ssf_deploy.fuse`` does in float64 and then verifies against this rebuilt model like every
+  other fold. Where a channel cannot fold exactly the deployable keeps the fewest extra nodes.
 
-``convnext_*_hnf`` is refused: the official ``forward_features`` applies ``norm_pre`` twice
-(``x = norm_pre(x); x = ssf(norm_pre(x))``), which no timm architecture computes (0.37 max abs logit
-error if applied once). A global-average-pool ViT (``fc_norm``, final norm Identity) is refused too.
+``convnext_*_hnf``: the official ``forward_features`` applies ``norm_pre`` twice (``x = norm_pre(x);
+x = ssf(norm_pre(x))``), which no timm architecture computes (0.37 max abs logit error if applied
+once). It is rebuilt with ``norm_pre`` applied twice (a ``twice`` edit: the second copy carries the
+factor); ``fuse`` deploys it only with ``--allow-extra-nodes``, as the base graph + one LayerNorm.
+A global-average-pool ViT (``fc_norm``, final norm Identity) is refused.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ from torch import nn
 
 from ..errors import CheckpointError, first_line
 from ..fileio import plain as _plain
-from ..models import create_base_model, resolve_arch
+from ..models import apply_edits, create_base_model, edit_state, resolve_arch
 from ..tuners import apply_method, unload
 from .task import Task
 
@@ -64,25 +69,15 @@ _SSF_KEY = re.compile(r"^(?:(?P<path>.+)\.)?ssf_(?P<kind>scale|shift)_(?P<idx>\d
 _SSF_LIKE = re.compile(r"(^|\.)ssf")
 
 @dataclass(frozen=True)
-class Stream:
-    """A residual stream whose *output* the official code scales where ssf-deploy has no site.
-
-    ``x_0 = entry(...)``; block j: ``x_j = x_{j-1} + layer_scale_j * writer_j(... reader_j(x_{j-1}) ...)``
-    with ``reader_j`` a depthwise (per-channel) conv and nothing else reading the stream. Names are
-    relative to the stream's container (``{last}`` = the model's last stage), ``{j}`` = block index.
-    """
-    container: str      # e.g. "stages.{last}"
-    entry: str          # the SSF site whose output starts the stream
-    blocks: str         # the container's residual blocks
-    reader: str         # per block: depthwise conv reading the stream (an SSF site)
-    writer: str         # per block: last producer of the branch (an SSF site), before the layer scale
-    layer_scale: str    # per block: parameter multiplying the branch (absent = 1)
-    where: str          # for messages
+class EditParam:
+    """The factor is the parameter of a graph edit at ``path`` (scale -> ``path.weight``, shift ->
+    ``path.bias``), not an SSF site: the official code applies it where timm has no module."""
+    path: str
 
 
 # a template (``\1`` = the path's groups), or a function of (match, model) giving the producer module
-# or a Stream to fold through; None where ssf-deploy has no site for that feature
-Target = Union[str, Callable[[re.Match, nn.Module], Union[Optional[str], Stream]], None]
+# or an EditParam; None where ssf-deploy has no site for that feature
+Target = Union[str, Callable[[re.Match, nn.Module], Union[Optional[str], EditParam]], None]
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ class Rule:
     unsupported: str = ""   # why, when target gives None
 
     def resolve(self, path: str, idx: int, model: nn.Module):
-        """None if the rule does not match, else (our site | Stream | None, self)."""
+        """None if the rule does not match, else (our site | EditParam | None, self)."""
         if idx != self.idx:
             return None
         m = re.fullmatch(self.path, path)
@@ -117,6 +112,8 @@ class Family:
                             # UNBIASED variance (its LayerNorm2d on a non-contiguous input)
     unbiased_channels_last: tuple = ()   # ... and in addition when it ran with --channels-last
     refuse: Optional[Callable[[nn.Module], Optional[str]]] = None   # model -> why not, or None
+    # (model, official factor keys) -> the graph edits the official forward needs on this model
+    edits: Optional[Callable[[nn.Module, dict], dict]] = None
 
 
 def _next_stage(fmt: str) -> Callable[[re.Match, nn.Module], str]:
@@ -124,7 +121,7 @@ def _next_stage(fmt: str) -> Callable[[re.Match, nn.Module], str]:
     return lambda m, model: fmt.format(int(m.group(1)) + 1)
 
 
-def _if_norm(name: str, otherwise: Optional[Stream] = None):
+def _if_norm(name: str, otherwise=None):
     """``name`` when the model has a real norm there (not Identity), else ``otherwise``."""
     def target(m, model):
         mod = getattr(model, name, None)
@@ -172,21 +169,35 @@ _SWIN = Family(
     absent=(r"layers\.\d+\.downsample\.norm",),
 )
 
-# After the last ConvNeXt stage (norm_pre Identity): x_0 = downsample conv, blocks read the stream
-# through their depthwise conv and write to it through fc2 * gamma.
-_CONVNEXT_STREAM = Stream(container="stages.{last}", entry="downsample.1", blocks="blocks",
-                          reader="conv_dw", writer="mlp.fc2", layer_scale="gamma",
-                          where="after the last stage (norm_pre is Identity), before the head's "
-                                "pooling and LayerNorm")
+def _convnext_edits(model: nn.Module, ssf: dict) -> dict:
+    """The official forward_features ends with ``x = ssf(norm_pre(norm_pre(stages(x))))``.
+
+    With head_norm_first norm_pre is a LayerNorm2d applied twice: a ``twice`` edit, whose second
+    copy carries the factor (it has no fold: deployable only with extra nodes). Otherwise norm_pre
+    is Identity and the factor scales the last stage's residual output: an ``affine`` edit holding
+    (s, t), with how it folds through that stream (x_0 = the downsample conv; every block reads
+    the stream through its depthwise conv and writes to it through fc2 * gamma)."""
+    if not any(k in ssf for k in ("ssf_scale_1", "ssf_shift_1")):
+        return {}
+    if not isinstance(getattr(model, "norm_pre", None), nn.Identity):
+        return {"norm_pre": {"kind": "twice", "why": "the official ConvNeXt-hnf forward applies "
+                             "norm_pre twice (x = norm_pre(x); x = ssf(norm_pre(x)))"}}
+    last = len(model.stages) - 1
+    return {"norm_pre": {
+        "kind": "affine", "channels": int(model.num_features),
+        "why": "the official SSF ConvNeXt scales the last stage's output (ssf_scale_1, "
+               "ssf_shift_1), where timm has no module",
+        "fold": {"kind": "residual-stream", "container": f"stages.{last}",
+                 "entry": "downsample.1", "blocks": "blocks", "reader": "conv_dw",
+                 "writer": "mlp.fc2", "layer_scale": "gamma"}}}
 
 
-def _head_norm_first(model: nn.Module) -> Optional[str]:
+def _convnext_top(m: re.Match, model: nn.Module):
+    """The top-level factor: on the second norm_pre (hnf) or the affine edit (plain)."""
     pre = getattr(model, "norm_pre", None)
-    if isinstance(pre, nn.Module) and not isinstance(pre, nn.Identity):
-        return ("head-norm-first ConvNeXt: the official forward_features applies norm_pre twice "
-                "(x = norm_pre(x); x = ssf_ada(norm_pre(x), ...)), which no timm architecture "
-                "computes (it changes the logits by 0.37 max abs on convnext_tiny_hnf at 224 px)")
-    return None
+    if isinstance(pre, nn.Sequential):
+        return "norm_pre.1"
+    return EditParam("norm_pre")
 
 
 # Read from dongzelian/SSF models/convnext.py (its own PatchEmbed stem and Downsample modules).
@@ -203,29 +214,25 @@ _CONVNEXT = Family(
         Rule(r"stages\.(\d+)\.blocks\.(\d+)\.mlp", 1, r"stages.\1.blocks.\2.mlp.fc1",
              "after fc1, before the activation"),
         Rule(r"stages\.(\d+)\.blocks\.(\d+)\.mlp", 2, r"stages.\1.blocks.\2.mlp.fc2", "after fc2"),
-        # forward_features: x = ssf(norm_pre(norm_pre(stages(x)))). With head_norm_first norm_pre is
-        # a LayerNorm2d (refused, see _head_norm_first); otherwise it is Identity and the factor scales
-        # the last stage's residual output: folded through that stream.
-        Rule(r"", 1, _if_norm("norm_pre", _CONVNEXT_STREAM), "at the end of forward_features"),
+        # forward_features: x = ssf(norm_pre(norm_pre(stages(x)))): see _convnext_edits
+        Rule(r"", 1, _convnext_top, "at the end of forward_features"),
     ),
     # ConvNeXtStage passes tuning_mode (a per-block list) to Downsample: never == 'ssf', no factors;
-    # the head's own LayerNorm (pool -> norm -> fc ordering) has none in the official code either
-    absent=(r"stages\.\d+\.downsample\.[01]", r"head\.norm"),
+    # the head's own LayerNorm (pool -> norm -> fc ordering) has none in the official code either,
+    # nor has the first of hnf's two norm_pre applications
+    absent=(r"stages\.\d+\.downsample\.[01]", r"head\.norm", r"norm_pre\.0"),
     # the downsample norm's input is the residual stream, channels-last in memory after the first
     # block's permute: the official LayerNorm2d takes torch.var_mean there (the stem norm's input
-    # is a contiguous conv output and the head norm's a pooled (N, C, 1, 1): biased, like timm)
-    unbiased=(r"stages\.\d+\.downsample\.0",),
+    # is a contiguous conv output and the head norm's a pooled (N, C, 1, 1): biased, like timm);
+    # so does hnf's norm_pre, on the stream and again on its own (channels-last) output
+    unbiased=(r"stages\.\d+\.downsample\.0", r"norm_pre\.[01]"),
     # model.to(memory_format=channels_last) makes the stem conv's output non-contiguous too
     unbiased_channels_last=(r"stem\.1",),
-    refuse=_head_norm_first,
+    edits=_convnext_edits,
 )
 
 FAMILIES = {"vit": _VIT, "swin": _SWIN, "convnext": _CONVNEXT}
 RULES = {name: fam.rules for name, fam in FAMILIES.items()}
-
-# |s| below this is refused when the last stage's stream must carry s * x: exact in float32 far
-# below it (measured to 1e-12), but an fp16 engine would see the stream underflow
-MIN_STREAM_SCALE = 1e-4
 
 
 # ----------------------------------------------------------------------------------------- detection
@@ -365,11 +372,12 @@ def _convert_base(family: str, base: dict, model) -> dict:
 
 
 def _map_ssf(family: str, ssf: dict, arch: str, model: nn.Module) -> tuple[dict, dict, dict]:
-    """Official factors -> ({our key: tensor}, {our key: official key}, {Stream: {kind: (key, tensor)}}).
+    """Official factors -> ({our SSF key: tensor}, {our key: official key}, {edit parameter key:
+    tensor}).
 
     Refuses unknown/unsupported keys."""
     rules = FAMILIES[family].rules
-    out, origin, streams = {}, {}, {}
+    out, origin, params = {}, {}, {}
     for key in sorted(ssf):
         m = _SSF_KEY.match(key)
         path, kind, idx = m.group("path") or "", m.group("kind"), int(m.group("idx"))
@@ -383,8 +391,10 @@ def _map_ssf(family: str, ssf: dict, arch: str, model: nn.Module) -> tuple[dict,
             raise CheckpointError(f"official SSF checkpoint for '{arch}': unsupported SSF key '{key}' "
                                  f"({rule.unsupported or rule.where}); refusing rather than building "
                                  f"a different model")
-        if isinstance(target, Stream):
-            streams.setdefault(target, {})[kind] = (key, ssf[key])
+        if isinstance(target, EditParam):
+            ours = f"{target.path}.{'weight' if kind == 'scale' else 'bias'}"
+            params[ours] = ssf[key]
+            origin[ours] = key
             continue
         ours = f"{target}.ssf_{kind}"
         if ours in out:
@@ -392,7 +402,7 @@ def _map_ssf(family: str, ssf: dict, arch: str, model: nn.Module) -> tuple[dict,
                                  f"both map to {ours}")
         out[ours] = ssf[key]
         origin[ours] = key
-    return out, origin, streams
+    return out, origin, params
 
 
 def _fill_absent(family: str, mapped: dict, origin: dict, default: dict) -> None:
@@ -476,77 +486,6 @@ def _correct_unbiased(family: str, state: dict, model: nn.Module, arch: str,
     return done
 
 
-def _fold_stream(stream: Stream, factors: dict, state: dict, model: nn.Module, arch: str) -> str:
-    """Fold the official ``y = s * x_n + t`` at the end of ``stream`` into the stream's SSF sites.
-
-    The stream ``x_0 = entry(u)``, ``x_j = x_{j-1} + g_j * m_j`` (``m_j`` ends with the writer's SSF,
-    the branch starts with the reader, a depthwise conv with bias c) carries ``s * x_j`` instead;
-    nothing constant enters it before the end, so the readers' zero padding stays exact:
-
-    * entry SSF (a, b) -> (s a, s b), so ``x'_0 = s x_0``;
-    * reader: ``r(s x) = s r(x) + (1 - s) c`` per channel, so its SSF (a, b) -> (a / s, b - a (1-s) c / s)
-      gives the branch exactly what it had;
-    * writer: ``s (g m) = g (s m)``: its SSF (a, b) -> (s a, s b), and the last one's shift + t / g.
-
-    The layer scales and all base weights stay as trained. Measured against the official code: 1.6e-15
-    (float64) / 8.1e-7 (float32) max abs logit error on convnext_tiny at 224 px. Refused when
-    |s| < MIN_STREAM_SCALE (the stream would carry s * x) or a layer scale is ~0 where t is not.
-    """
-    (s_key, s), (t_key, t) = (factors.get(kind, (None, None)) for kind in ("scale", "shift"))
-    last = str(len(getattr(model, "stages", ())) - 1)
-    root = stream.container.format(last=last)
-    where = f"'{s_key or t_key}' ({stream.where})"
-    try:
-        container = model.get_submodule(root)
-        blocks = list(container.get_submodule(stream.blocks))
-    except (AttributeError, TypeError):
-        blocks = []
-    if not blocks:
-        raise CheckpointError(f"official SSF checkpoint for '{arch}': {where} folds through {root}'s "
-                              f"residual stream, which this model does not have") from None
-    c = int(blocks[0].get_submodule(stream.reader).out_channels)
-    s = s.double() if s is not None else torch.ones(c, dtype=torch.float64)
-    t = t.double() if t is not None else torch.zeros(c, dtype=torch.float64)
-    small = (s.abs() < MIN_STREAM_SCALE).nonzero().flatten()
-    if len(small):
-        ch = int(small[0])
-        raise CheckpointError(
-            f"official SSF checkpoint for '{arch}': {where} has |scale| = {abs(float(s[ch])):.3g} < "
-            f"{MIN_STREAM_SCALE:g} at channel {ch}; folding it through {root}'s residual stream would "
-            f"make the stream carry scale * x there; refusing")
-    entry = f"{root}.{stream.entry}"
-    a, b = _factors(state, entry)
-    _set_factors(state, entry, s * a, s * b)
-    for j, blk in enumerate(blocks):
-        prefix = f"{root}.{stream.blocks}.{j}"
-        reader = blk.get_submodule(stream.reader)
-        shortcut = getattr(blk, "shortcut", nn.Identity())
-        if not (isinstance(reader, nn.Conv2d) and reader.groups == reader.in_channels ==
-                reader.out_channels == c) or not isinstance(shortcut, nn.Identity):
-            raise CheckpointError(f"official SSF checkpoint for '{arch}': {where} folds through "
-                                  f"{root}'s residual stream, but {prefix} is not a depthwise-conv "
-                                  f"block with an identity shortcut")
-        bias = state.get(f"{prefix}.{stream.reader}.bias")
-        bias = bias.double() if bias is not None else torch.zeros(c, dtype=torch.float64)
-        a, b = _factors(state, f"{prefix}.{stream.reader}")
-        _set_factors(state, f"{prefix}.{stream.reader}", a / s, b - a * (1 - s) * bias / s)
-        a, b = _factors(state, f"{prefix}.{stream.writer}")
-        shift = s * b
-        if j == len(blocks) - 1:
-            g_key = f"{prefix}.{stream.layer_scale}"
-            g = state[g_key].double() if g_key in state else torch.ones(c, dtype=torch.float64)
-            bad = ((g.abs() < MIN_STREAM_SCALE * t.abs()) & (t != 0)).nonzero().flatten()
-            if len(bad):
-                ch = int(bad[0])
-                raise CheckpointError(
-                    f"official SSF checkpoint for '{arch}': the shift of {where} enters "
-                    f"{root}'s residual stream through {g_key}, which is {float(g[ch]):.3g} at channel "
-                    f"{ch} (shift {float(t[ch]):.3g}); refusing")
-            shift = shift + t / g
-        _set_factors(state, f"{prefix}.{stream.writer}", s * a, shift)
-    return root
-
-
 def task_from_official(obj: dict, path: str = "<checkpoint>"):
     """Turn an official SSF checkpoint into a complete :class:`~ssf_deploy.formats.Task`."""
     state = _state_of(obj)
@@ -585,11 +524,15 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
     why = FAMILIES[family].refuse(model) if FAMILIES[family].refuse else None
     if why:
         raise CheckpointError(f"official SSF checkpoint for '{official_arch}': {why}; refusing")
+    edits = FAMILIES[family].edits(model, ssf) if FAMILIES[family].edits else {}
+    plain = model
+    if edits:   # the official forward computes more than the timm architecture: rebuilt with it
+        model = apply_edits(_meta_model(arch, num_classes, model_kwargs), edits)
 
-    mapped, origin, streams = _map_ssf(family, ssf, official_arch, model)
+    mapped, origin, params = _map_ssf(family, ssf, official_arch, model)
     _fill_absent(family, mapped, origin, _ssf_keys(model, {}))
     try:
-        converted = _convert_base(family, base, model)
+        converted = edit_state(_convert_base(family, base, plain), edits)
     except CheckpointError:
         raise
     except Exception as e:  # a filter fn tripping over keys it does not expect
@@ -618,6 +561,7 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
 
     full = dict(converted)
     full.update(mapped)
+    full.update(params)
     quirks = []
     absent = sorted({k.rsplit(".", 1)[0] for k, v in origin.items() if v.startswith("<none")})
     if absent:
@@ -627,14 +571,22 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
                                  channels_last=bool(args.get("channels_last")))
     if unbiased:
         quirks.append(f"unbiased-variance LayerNorm2d reproduced at {', '.join(unbiased)}")
-    for stream, factors in streams.items():
-        root = _fold_stream(stream, factors, full, model, official_arch)
-        quirks.append(f"top-level ssf_scale_1/ssf_shift_1 folded through {root}'s residual stream")
+    for where, spec in sorted(edits.items()):
+        if spec["kind"] == "twice":
+            quirks.append(f"{where} applied twice, as the official forward does; the second "
+                          f"application carries ssf_scale_1/ssf_shift_1 (fuse deploys it with "
+                          f"--allow-extra-nodes: +1 node)")
+        else:
+            quirks.append(f"top-level ssf_scale_1/ssf_shift_1 kept as a per-channel affine at "
+                          f"{where}, as the official forward applies it; fuse folds it through "
+                          f"{spec['fold']['container']}'s residual stream")
     extra = {"epoch": _plain(obj.get("epoch")), "args": args, "official_arch": official_arch,
-             "official_quirks": quirks}
+             "official_quirks": quirks,
+             "origin": {k: v for k, v in origin.items() if not v.startswith("<none")}}
     if isinstance(obj.get("metric"), (int, float)):
         extra["metric"] = float(obj["metric"])
     if isinstance(obj.get("state_dict_ema"), dict):
         extra["has_ema"] = True   # we deploy state_dict; the EMA copy is ignored
     return Task(arch=arch, num_classes=num_classes, method="ssf", options=options, state=full,
-                source=SOURCE, extra=extra, complete=True, model_kwargs=model_kwargs, path=path)
+                source=SOURCE, extra=extra, complete=True, model_kwargs=model_kwargs, path=path,
+                edits=edits)

@@ -35,6 +35,7 @@ class Task:
     complete: bool = False  # state holds the full model (plain/official dialects), not a delta
     model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size...)
     path: str = ""
+    edits: dict = field(default_factory=dict)   # graph edits the task's forward needs (models.py)
 
     @property
     def base(self) -> Optional[dict]:
@@ -87,7 +88,7 @@ def check_task(task: Task) -> Task:
         bad("num_classes", task.num_classes, "a positive integer")
     if not isinstance(task.method, str):
         bad("method", task.method, "a method name")
-    for field in ("options", "model_kwargs"):
+    for field in ("options", "model_kwargs", "edits"):
         value = getattr(task, field)
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             bad(field, value, "a dict")
@@ -202,7 +203,7 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
             raise UsageError(f"{task.path or 'the task'} needs its base weights: pass "
                              f"--base-weights FILE or --pretrained")
     model = create_base_model(arch, num_classes, pretrained=pretrained, pretrained_file=base_weights,
-                              init_seed=init_seed, **task.model_kwargs)
+                              init_seed=init_seed, edits=task.edits, **task.model_kwargs)
     apply_method(model, task.method, **task.options)
     if not task.complete:   # names, types, shapes: before hashing the base against its record
         check_trainable_state(model, task.state)

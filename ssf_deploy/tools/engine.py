@@ -97,7 +97,7 @@ def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, wo
            warmup, iters, verbose, as_json):
     """Build a TensorRT engine from ONNX, compare it with onnxruntime, time it."""
     from .. import engine as E
-    from ..export import OrtRunner, graph_stats
+    from ..export import FP16_MAX, OrtRunner, fp16_range_issues, graph_stats
     from ..fileio import OutputSet, check_writable
     from ..refit import export_settings, load_onnx
     from ..verify import compare, run_outputs
@@ -122,6 +122,11 @@ def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, wo
     calibrate = bool(calib or calib_cache)
     E.check_precision_request(fp16=fp16, tf32=tf32, int8=int8, fp8=fp8, calibrate=calibrate,
                               qdq=quant["kind"], refittable=refittable)
+    big = fp16_range_issues(proto) if fp16 else []
+    if big:
+        raise UsageError(f"--fp16: {onnx_path} holds weights beyond float16's range ({FP16_MAX:g}): "
+                         f"'{big[0][0]}' up to {big[0][1]:.3g}" + (f" (and {len(big) - 1} more)" if
+                         len(big) > 1 else "") + "; an fp16 engine would make them inf: build fp32")
     if calib_cache and not calib and not os.path.isfile(calib_cache):
         raise UsageError(f"--calib-cache {calib_cache} does not exist yet: give --calib DIR to "
                          f"make it")
