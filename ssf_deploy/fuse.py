@@ -653,7 +653,8 @@ def _fold_residual_stream(path: str, spec: dict, fold: dict, state: dict, model:
     state.pop(w_key, None)
     if fold_t:
         state.pop(b_key, None)
-        return None, f"{describe_edit(path, spec)} -> into {root}'s residual stream"
+        return None, (f"the per-channel affine at {path} ({spec.get('why') or 'a graph edit'}) "
+                      f"into {root}'s residual stream, exactly: no extra node")
     ch = int(stuck[0])
     rest = dict(spec, kind="shift")
     rest.pop("fold", None)
