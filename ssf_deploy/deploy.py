@@ -118,11 +118,15 @@ class DeployReport:
                 extra = self.onnx.get("extra_nodes", 0)
                 diff = ", ".join(f"{op} {n:+d}" for op, n in (self.onnx.get("ops_diff") or
                                                                 {}).items())
-                lines.append(f"ONNX: {f['nodes']} nodes (base export: {b['nodes']}"
-                             f"{', cached' if self.onnx.get('base_cached') else ''}"
-                             f"{f'; {extra:+d} node(s): {diff}' if diff else ''}), op histogram "
+                raw = self.onnx.get("compared") == "exporter" and f.get("exported")
+                mine = f["exported"] if raw else f
+                where = "the exporter's graph (before onnxsim): " if raw else ""
+                lines.append(f"ONNX: {f['nodes']} nodes; {where}{mine['nodes']} nodes vs the base "
+                             f"export's {b['nodes']}"
+                             f"{' (cached)' if self.onnx.get('base_cached') else ''}"
+                             f"{f', {extra:+d} node(s): {diff}' if diff else ''}; op histogram "
                              f"{'identical to' if self.onnx['same_graph_as_base'] else 'DIFFERENT from'}"
-                             f" the base export, {f['parameters']:,} parameters "
+                             f" the base export's; {mine['parameters']:,} parameters "
                              f"(base {b['parameters']:,})")
         lines += [f"note: {n}" for n in self.notes]
         for role, path in self.written.items():
@@ -178,6 +182,42 @@ def graph_stats_cached(key: dict, make: Callable[[], dict]) -> tuple[dict, bool]
     return stats, False
 
 
+def _base_graph(model: nn.Module, fused_info: dict, example: torch.Tensor, *, opset: int,
+                dynamic_batch: bool, simplify: bool, fresh: bool, key: dict
+                ) -> tuple[dict, bool, str]:
+    """The plain base export's statistics to compare the fused graph with: ``(stats, cached,
+    stage)``, stage ``"exporter"`` (the graph the exporter wrote, before onnxsim) or
+    ``"simplified"``.
+
+    The exporter's graphs are compared first: the base export then costs one export and no
+    onnxsim, no checker (neither is an output). Only when they differ (a producer that gained
+    a bias, a graph edit, equal initializers folded differently) is the base simplified too, so
+    the difference is stated as in the deployed files (e.g. +1 LayerNormalization, where the
+    exporter's graph also has the two Transposes onnxsim cancels).
+    """
+    from .export import export_proto, graph_stats
+    from .fuse import base_of
+
+    def stats(stage: str) -> dict:
+        simplified = stage == "simplified"
+        return graph_stats(export_proto(base_of(model), example=example, opset=opset,
+                                        dynamic_batch=dynamic_batch, simplify=simplified,
+                                        check=simplified))
+
+    def get(stage: str) -> tuple[dict, bool]:
+        if fresh:
+            return stats(stage), False
+        return graph_stats_cached(dict(key, stage=stage), lambda: stats(stage))
+
+    exported = fused_info.get("exported")
+    if exported is not None:
+        base, cached = get("exporter")
+        if not simplify or (base["nodes"] == exported["nodes"] and base["ops"] == exported["ops"]):
+            return base, cached, "exporter"
+    base, cached = get("simplified")
+    return base, cached, "simplified"
+
+
 def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[str] = None,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, opset: int = 17,
            dynamic_batch: bool = False, simplify: bool = True,
@@ -195,9 +235,8 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     reported against the base export.
     Raises :class:`VerificationError` (with ``.report``) when any check fails; nothing is written.
     """
-    from .export import OrtRunner, export_onnx, export_proto, graph_stats
-    from .models import edits_of, plain_architecture
-    from .tuners import unload
+    from .export import OrtRunner, export_onnx
+    from .models import edits_of
 
     check_writable(out, save_weights, save_pack)    # before the work, not after it
     if save_pack and edits_of(model):
@@ -257,28 +296,24 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
             with _stage(report, "export", progress):
                 info = export_onnx(fused, tmp, example=example, opset=opset,
                                    dynamic_batch=dynamic_batch, simplify=simplify,
-                                   metadata=onnx_metadata)
+                                   metadata=onnx_metadata,
+                                   exported_stats=compare_graph != "never")
             info["path"] = out
             report.onnx = {"fused": info, "base": None, "same_graph_as_base": None}
             if compare_graph != "never":
-                def base_stats() -> dict:
-                    base = plain_architecture(unload(copy.deepcopy(model)))
-                    return graph_stats(export_proto(base, example=example, opset=opset,
-                                                    dynamic_batch=dynamic_batch,
-                                                    simplify=simplify))
                 with _stage(report, "base graph", progress):
-                    if compare_graph == "always" or not graph_key:
-                        base_info, cached = base_stats(), False
-                    else:
-                        key = dict(graph_key, opset=opset, dynamic_batch=dynamic_batch,
-                                   simplify=simplify, shape=list(example.shape[1:]),
-                                   base=(prov.get("base_check") or {}).get("actual"))
-                        base_info, cached = graph_stats_cached(key, base_stats)
-                same = base_info["nodes"] == info["nodes"] and base_info["ops"] == info["ops"]
-                ops = sorted(set(base_info["ops"]) | set(info["ops"]))
-                diff = {op: info["ops"].get(op, 0) - base_info["ops"].get(op, 0) for op in ops}
+                    base_info, cached, stage = _base_graph(
+                        model, info, example, opset=opset, dynamic_batch=dynamic_batch,
+                        simplify=simplify, fresh=compare_graph == "always" or not graph_key,
+                        key=dict(graph_key or {}, opset=opset, dynamic_batch=dynamic_batch,
+                                 simplify=simplify, shape=list(example.shape[1:]),
+                                 base=(prov.get("base_check") or {}).get("actual")))
+                mine = info if stage == "simplified" else info["exported"]
+                same = base_info["nodes"] == mine["nodes"] and base_info["ops"] == mine["ops"]
+                ops = sorted(set(base_info["ops"]) | set(mine["ops"]))
+                diff = {op: mine["ops"].get(op, 0) - base_info["ops"].get(op, 0) for op in ops}
                 report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached,
-                                   extra_nodes=info["nodes"] - base_info["nodes"],
+                                   compared=stage, extra_nodes=mine["nodes"] - base_info["nodes"],
                                    ops_diff={k: v for k, v in diff.items() if v})
                 if not same and report.fuse.extra_nodes:
                     report.notes.append("the fused graph differs from the base export by the "

@@ -39,10 +39,11 @@ from torch import nn
 
 from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
-from .models import apply_edits, creation_record, describe_edit, edits_of, example_input
+from .models import (apply_edits, creation_record, describe_edit, edits_of, example_input,
+                     plain_architecture, plain_state)
 from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "fuse_with_report", "FuseReport", "Fold", "FP16_MAX"]
+__all__ = ["fuse", "fuse_with_report", "FuseReport", "Fold", "FP16_MAX", "base_of"]
 
 FP16_MAX = 65504.0   # the largest finite float16
 
@@ -153,6 +154,19 @@ def fuse_with_report(model: nn.Module, example: Optional[torch.Tensor] = None, *
     base = _build_base(model, state, report, kept).to(device)
     base.eval()
     return base, report
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The plain base architecture holding ``model``'s own (unfused) base tensors: what the
+    deployed graph is compared with. Built like the fused model (no copy of the weights: the
+    tensors are shared), so it costs no more than a view of ``model``."""
+    if creation_record(model) is None:
+        return plain_architecture(unload(copy.deepcopy(model)))
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith(_SSF_KEYS)}
+    state = plain_state(state, edits_of(model))
+    ref = next(model.parameters(), None)
+    return _build_base(model, state, FuseReport(), {}).to(
+        ref.device if ref is not None else "cpu").eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .fileio import check_manifest
 __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
            "input_size", "head_modules", "count_params", "example_input", "sized_kwargs",
            "check_finite", "ChannelAffine", "apply_edits", "plain_architecture", "edit_state",
+           "plain_state",
            "edits_of", "describe_edit", "EDIT_KINDS"]
 
 CREATE_RECORD = "ssf_deploy_create"
@@ -198,6 +199,18 @@ def edit_state(state: dict, edits: Optional[dict]) -> dict:
             if spec["kind"] == "affine":
                 out[f"{path}.weight"] = torch.ones(c)
             out[f"{path}.bias"] = torch.zeros(c)
+    return out
+
+
+def plain_state(state: dict, edits: Optional[dict]) -> dict:
+    """The inverse of :func:`edit_state`: an edited model's tensors as the plain architecture
+    names them (``twice``: the first copy; the edit's own tensors dropped)."""
+    out = dict(state)
+    for path, spec in sorted((edits or {}).items()):
+        for k in [k for k in out if k.startswith(path + ".")]:
+            v = out.pop(k)
+            if spec["kind"] == "twice" and k.startswith(path + ".0."):
+                out[f"{path}.{k[len(path) + 3:]}"] = v
     return out
 
 

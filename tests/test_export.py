@@ -244,3 +244,34 @@ def test_fp16_range_issues_and_engine_fp16_refuses_them(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "65504" in err[0] and "1.5e+05" in err[0] \
         and "(and 1 more)" in err[0], err
     assert not os.path.exists(tmp_path / "m.plan")
+
+
+def test_base_graph_is_compared_before_onnxsim_and_simplified_only_when_it_differs(
+        tmp_path, monkeypatch):
+    """Issue 19 (fuse speed): the base export is compared with the exporter's graph of the fused
+    model (written next to the output anyway), so it costs one export and no onnxsim; only a
+    graph that differs is simplified too (test_official: +1 LayerNormalization after onnxsim).
+    The fused ONNX is still simplified, checked and run in onnxruntime as before."""
+    import onnxsim
+    calls = []
+    real = onnxsim.simplify
+
+    def counting(model, *a, **k):
+        calls.append(model if isinstance(model, str) else "proto")
+        return real(model, *a, **k)
+    monkeypatch.setattr(onnxsim, "simplify", counting)
+    model = pretrained_like(make_model("vit"))
+    sd.apply_method(model, "ssf", init_std=0.3)
+    out = str(tmp_path / "m.onnx")
+    report = sd.deploy(model, [torch.randn(2, 3, 32, 32)], out=out, compare_graph="always")
+    o = report.onnx
+    assert o["compared"] == "exporter" and o["same_graph_as_base"] and o["extra_nodes"] == 0
+    assert o["fused"]["exported"]["nodes"] == o["base"]["nodes"] > o["fused"]["nodes"]
+    assert len(calls) == 1 and calls[0].endswith(".raw.onnx")   # the fused file, file to file
+    assert "the exporter's graph (before onnxsim)" in str(report)
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    keys = [p.key for p in proto.metadata_props]
+    ours = [k for k in keys if k.startswith("ssf_deploy.")]
+    assert ours == sorted(ours) and "ssf_deploy.initializers" in ours
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]   # no scratch left
