@@ -119,10 +119,12 @@ class DeployReport:
                 diff = ", ".join(f"{op} {n:+d}" for op, n in (self.onnx.get("ops_diff") or
                                                                 {}).items())
                 raw = self.onnx.get("compared") == "exporter" and f.get("exported")
+                stage = "exporter" if raw else "simplified"
                 mine = f["exported"] if raw else f
-                where = "the exporter's graph (before onnxsim): " if raw else ""
-                lines.append(f"ONNX: {f['nodes']} nodes; {where}{mine['nodes']} nodes vs the base "
-                             f"export's {b['nodes']}"
+                where = "the exporter's graph (before onnxsim, Identity nodes aside): " \
+                    if raw else ""
+                lines.append(f"ONNX: {f['nodes']} nodes; {where}{_graph(mine, stage)[0]} nodes vs "
+                             f"the base export's {_graph(b, stage)[0]}"
                              f"{' (cached)' if self.onnx.get('base_cached') else ''}"
                              f"{f', {extra:+d} node(s): {diff}' if diff else ''}; op histogram "
                              f"{'identical to' if self.onnx['same_graph_as_base'] else 'DIFFERENT from'}"
@@ -182,6 +184,13 @@ def graph_stats_cached(key: dict, make: Callable[[], dict]) -> tuple[dict, bool]
     return stats, False
 
 
+def _graph(stats: dict, stage: str) -> tuple[int, dict]:
+    """(nodes, op histogram) as compared: at the exporter stage without Identity nodes."""
+    ops = dict(stats["ops"])
+    identity = ops.pop("Identity", 0) if stage == "exporter" else 0
+    return stats["nodes"] - identity, ops
+
+
 def _base_graph(model: nn.Module, fused_info: dict, example: torch.Tensor, *, opset: int,
                 dynamic_batch: bool, simplify: bool, fresh: bool, key: dict
                 ) -> tuple[dict, bool, str]:
@@ -189,11 +198,13 @@ def _base_graph(model: nn.Module, fused_info: dict, example: torch.Tensor, *, op
     stage)``, stage ``"exporter"`` (the graph the exporter wrote, before onnxsim) or
     ``"simplified"``.
 
-    The exporter's graphs are compared first: the base export then costs one export and no
-    onnxsim, no checker (neither is an output). Only when they differ (a producer that gained
-    a bias, a graph edit, equal initializers folded differently) is the base simplified too, so
-    the difference is stated as in the deployed files (e.g. +1 LayerNormalization, where the
-    exporter's graph also has the two Transposes onnxsim cancels).
+    The exporter's graphs are compared first, Identity nodes aside (the exporter adds one per
+    repeated initializer, e.g. an untrained base's ones and zeros; they compute nothing and
+    onnxsim removes them all): the base export then costs one export and no onnxsim, no
+    checker (neither is an output). Only when they differ (a producer that gained a bias, a
+    graph edit) is the base simplified too, so the difference is stated as in the deployed
+    files (e.g. +1 LayerNormalization, where the exporter's graph also has the two Transposes
+    onnxsim cancels).
     """
     from .export import export_proto, graph_stats
     from .fuse import base_of
@@ -212,7 +223,7 @@ def _base_graph(model: nn.Module, fused_info: dict, example: torch.Tensor, *, op
     exported = fused_info.get("exported")
     if exported is not None:
         base, cached = get("exporter")
-        if not simplify or (base["nodes"] == exported["nodes"] and base["ops"] == exported["ops"]):
+        if not simplify or _graph(base, "exporter") == _graph(exported, "exporter"):
             return base, cached, "exporter"
     base, cached = get("simplified")
     return base, cached, "simplified"
@@ -308,12 +319,14 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                         key=dict(graph_key or {}, opset=opset, dynamic_batch=dynamic_batch,
                                  simplify=simplify, shape=list(example.shape[1:]),
                                  base=(prov.get("base_check") or {}).get("actual")))
-                mine = info if stage == "simplified" else info["exported"]
-                same = base_info["nodes"] == mine["nodes"] and base_info["ops"] == mine["ops"]
-                ops = sorted(set(base_info["ops"]) | set(mine["ops"]))
-                diff = {op: mine["ops"].get(op, 0) - base_info["ops"].get(op, 0) for op in ops}
+                (n_mine, mine), (n_base, theirs) = (
+                    _graph(info if stage == "simplified" else info["exported"], stage),
+                    _graph(base_info, stage))
+                diff = {op: mine.get(op, 0) - theirs.get(op, 0)
+                        for op in sorted(set(mine) | set(theirs))}
+                same = (n_mine, mine) == (n_base, theirs)
                 report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached,
-                                   compared=stage, extra_nodes=mine["nodes"] - base_info["nodes"],
+                                   compared=stage, extra_nodes=n_mine - n_base,
                                    ops_diff={k: v for k, v in diff.items() if v})
                 if not same and report.fuse.extra_nodes:
                     report.notes.append("the fused graph differs from the base export by the "
