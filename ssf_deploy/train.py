@@ -447,7 +447,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
         steps = min(steps, cfg.max_steps_per_epoch)
     if steps == 0:
         raise SSFDeployError(f"{data_dir}/train has fewer images than one batch per process "
-                             f"(--batch-size {cfg.batch_size})")
+                             f"(`batch_size` {cfg.batch_size})")
 
     model.to(device)
     net: nn.Module = model
@@ -681,7 +681,7 @@ def _train_one_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
     epoch_loss = loss_total / max(n_total, 1)
     if not math.isfinite(epoch_loss):
         raise SSFDeployError(f"training diverged: loss is {epoch_loss} in epoch {epoch + 1} "
-                             f"(try a lower --lr)")
+                             f"(try a lower `lr`)")
     return epoch_loss, n_total, elapsed
 
 
