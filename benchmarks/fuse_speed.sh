@@ -15,6 +15,14 @@ shift $(( $# > 2 ? 2 : $# ))
 trees=("$@")
 [ ${#trees[@]} -eq 0 ] && trees=("")          # "": the installed package
 mkdir -p "$work"
+work=$(cd "$work" && pwd)
+# commands run from $work: `python -m` puts the current folder first on sys.path, so run from a
+# checkout's root it would import that checkout's package whatever PYTHONPATH says
+for i in "${!trees[@]}"; do
+  if [ -n "${trees[$i]}" ]; then trees[$i]=$(cd "${trees[$i]}" && pwd); fi
+  (cd "$work" && PYTHONPATH="${trees[$i]}${PYTHONPATH:+:$PYTHONPATH}" python -c \
+    "import ssf_deploy, sys; print('tree', sys.argv[1], 'imports', ssf_deploy.__file__)" "$i")
+done
 [ -f "$work/vitb.pt" ] || python - "$work" <<'PY'
 import sys, ssf_deploy as sd
 from ssf_deploy.fileio import save_safetensors
@@ -41,8 +49,8 @@ for r in $(seq "$rounds"); do
                      "$work/base.safetensors" --out "$work/vitb.onnx" --json) ;;
       esac
       start=$(date +%s.%N)
-      PYTHONPATH="${tree}${PYTHONPATH:+:$PYTHONPATH}" XDG_CACHE_HOME="$work/cache" \
-        /usr/bin/time -f "%e" -o "$work/time" "${cmd[@]}" > "$work/$run.$t.$r.json"
+      (cd "$work" && PYTHONPATH="${tree}${PYTHONPATH:+:$PYTHONPATH}" XDG_CACHE_HOME="$work/cache" \
+        /usr/bin/time -f "%e" -o "$work/time" "${cmd[@]}" > "$work/$run.$t.$r.json")
       end=$(date +%s.%N)
       echo "$t $run $r $start $end $(cat "$work/time")" >> "$work/times.txt"
       echo "  round $r ${tree:-installed} $run: $(python -c "print(f'{$end - $start:.1f}')") s" >&2

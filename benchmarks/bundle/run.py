@@ -185,6 +185,9 @@ def run_arch(arch: str, ns: list, args, work: str) -> dict:
     res["fused_bytes"] = os.path.getsize(fused_path)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # sessions timed in turn must not spin-wait after a run: the spinning threads of one would
+    # steal the cores the next one runs on (both would slow down, and the ratio drift to 1)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     fused = ort.InferenceSession(fused_path, opts, providers=["CPUExecutionProvider"])
     fin = fused.get_inputs()[0].name
     rng = np.random.default_rng(0)
@@ -231,15 +234,20 @@ def run_arch(arch: str, ns: list, args, work: str) -> dict:
     n = max(ns)
     big = os.path.join(work, f"n{n}", "tasks.onnx")
     k = args.independent_iters
-    ind = {}
-    for kind, paths in (("bundle", [big]), ("fused", [fused_path])):
-        zero = _spawn(paths, kind, n, batch, size, 0)
-        many = _spawn(paths, kind, n, batch, size, k)
-        ind[kind] = {"ms_per_batch": 1000 * (many["run_s"] - zero["run_s"]) / k,
-                     "wall_ms_per_batch": 1000 * (many["wall_s"] - zero["wall_s"]) / k}
-    ind["ratio"] = ind["bundle"]["ms_per_batch"] / ind["fused"]["ms_per_batch"]
-    ind["ratio_wall"] = ind["bundle"]["wall_ms_per_batch"] / ind["fused"]["wall_ms_per_batch"]
-    ind["tasks"], ind["iters"] = n, k
+    per = {"bundle": [], "fused": [], "bundle_wall": [], "fused_wall": []}
+    for _ in range(args.independent_rounds):   # B0 Bk F0 Fk, round after round
+        for kind, paths in (("bundle", [big]), ("fused", [fused_path])):
+            zero = _spawn(paths, kind, n, batch, size, 0)
+            many = _spawn(paths, kind, n, batch, size, k)
+            per[kind].append(1000 * (many["run_s"] - zero["run_s"]) / k)
+            per[f"{kind}_wall"].append(1000 * (many["wall_s"] - zero["wall_s"]) / k)
+    ind = {kind: {"ms_per_batch": statistics.median(per[kind]),
+                  "wall_ms_per_batch": statistics.median(per[f"{kind}_wall"]),
+                  "rounds_ms": [round(v) for v in per[kind]]} for kind in ("bundle", "fused")}
+    ind["ratio"] = statistics.median(a / b for a, b in zip(per["bundle"], per["fused"]))
+    ind["ratio_wall"] = statistics.median(a / b for a, b in zip(per["bundle_wall"],
+                                                                 per["fused_wall"]))
+    ind["tasks"], ind["iters"], ind["rounds"] = n, k, args.independent_rounds
     res["independent"] = ind
 
     # tasks come and go: add one to the largest bundle, then remove it again
@@ -340,7 +348,8 @@ def markdown(results: dict) -> str:
                 f"{row.get('load', {}).get('loadavg_1m', float('nan')):.1f} |")
         ind = r["independent"]
         lines += ["", f"Independent timer (each model alone in a fresh process, {ind['iters']} "
-                      f"batches minus 0, N = {ind['tasks']}): bundle "
+                      f"batches minus 0, N = {ind['tasks']}, {ind.get('rounds', 1)} interleaved "
+                      f"rounds, median of the per-round ratios): bundle "
                       f"{ind['bundle']['ms_per_batch']:.0f} ms, fused "
                       f"{ind['fused']['ms_per_batch']:.0f} ms per batch -> {ind['ratio']:.3f}x "
                       f"(whole-process wall clock: {ind['ratio_wall']:.3f}x).", ""]
@@ -433,7 +442,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--fused-counts", nargs="+", type=int, default=[1, 2, 4, 10])
-    ap.add_argument("--independent-iters", type=int, default=5)
+    ap.add_argument("--independent-iters", type=int, default=4)
+    ap.add_argument("--independent-rounds", type=int, default=3)
     ap.add_argument("--work", default=os.path.join(ROOT, "models", "bench-bundle"))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--gpu", action="store_true",
