@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import SSFDeployError, first_line
 from .fileio import atomic_path, check_manifest
-from .models import example_input
+from .models import call_args, example_input, family_of, inputs_to
 
 __all__ = ["export_onnx", "export_proto", "graph_stats", "OrtRunner", "initializer_map",
            "read_metadata", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME"]
@@ -61,13 +61,16 @@ def export_proto(model: nn.Module, *, example: Optional[torch.Tensor] = None,
 
 def _export(model, example, opset, dynamic_batch, simplify) -> onnx.ModelProto:
     buf = io.BytesIO()
-    dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    family = family_of(model)   # another model family names its own inputs and outputs
+    names = family.onnx_names(model, example) if family else ([INPUT_NAME], [OUTPUT_NAME])
+    dyn = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic_batch else None
+    args, kwargs = call_args(inputs_to(example, dtype=torch.float32))
     try:
         # the TorchScript exporter prints its whole IR graph on failure: keep stdout clean
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example.float(),), buf, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            torch.onnx.export(model, args, buf, kwargs=kwargs, dynamo=False,
+                              opset_version=opset, input_names=names[0], output_names=names[1],
                               dynamic_axes=dyn, do_constant_folding=True)
     except Exception as e:
         raise SSFDeployError(f"ONNX export of {type(model).__name__} failed: {first_line(e)}") from e
@@ -218,11 +221,20 @@ class OrtRunner:
         except Exception as e:
             raise SSFDeployError(f"onnxruntime cannot load the model: {first_line(e)}") from e
         self.input = self.session.get_inputs()[0].name
+        self.inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.label = label
         # the providers the session actually uses, in priority order: asking for
         # CUDAExecutionProvider without onnxruntime-gpu silently gives ["CPUExecutionProvider"]
         self.providers = list(self.session.get_providers())
 
     def __call__(self, x: torch.Tensor):
-        arr = x.detach().float().cpu().numpy()
-        return [torch.from_numpy(o) for o in self.session.run(None, {self.input: arr})]
+        if isinstance(x, dict):   # named inputs (text): each in the graph's own element type
+            arrays = {k: v.detach().cpu().numpy() for k, v in x.items() if k in self.inputs}
+            feed = {k: a.astype(_NP_TYPES.get(self.inputs[k], a.dtype)) for k, a in arrays.items()}
+        else:
+            feed = {self.input: x.detach().float().cpu().numpy()}
+        return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+
+_NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+             "tensor(bool)": np.bool_}

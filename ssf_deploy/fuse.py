@@ -31,10 +31,10 @@ from torch import nn
 
 from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
-from .models import creation_record, example_input
+from .models import call_args, creation_record, example_input, family_of, inputs_to
 from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "fuse_with_report", "FuseReport", "Fold"]
+__all__ = ["fuse", "fuse_with_report", "fold_ssf", "FuseReport", "Fold"]
 
 aten = torch.ops.aten
 _SSF = torch.ops.ssf_deploy.scale_shift.default
@@ -129,13 +129,13 @@ def _trace(model: nn.Module, example: Optional[torch.Tensor]):
         example = example_input(model, batch=2)
     ref = next(model.parameters(), None)
     if ref is not None:
-        example = example.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point()
-                             else example.dtype)
+        example = inputs_to(example, ref.device, ref.dtype if ref.is_floating_point() else None)
+    args, kwargs = call_args(example)   # a tensor, or named inputs (text: input_ids, ...)
     was_training = model.training
     model.eval()
     try:
         with ssf_mode("graph"), torch.no_grad():
-            return torch.export.export(model, (example,), strict=False)
+            return torch.export.export(model, args, kwargs, strict=False)
     except FuseError:
         raise
     except Exception as e:
@@ -500,9 +500,27 @@ def _fold(model, state, example, report: FuseReport) -> dict:
     return folder.finish()
 
 
+def fold_ssf(model: nn.Module, example=None) -> tuple[dict, FuseReport]:
+    """Fold every SSF of ``model`` with the graph pass above, without building anything.
+
+    Returns the tensors the fold rewrote (under ``model``'s own state-dict names, in their
+    dtypes; the SSF factors it read are among them) and the report. For tuners that keep their
+    own module structure and swap the values in place (PEFT's ``merge_and_unload``).
+    """
+    report = FuseReport()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    folded = _fold(model, state, example, report)
+    return {k: v for k, v in folded.items() if v is not state.get(k)}, report
+
+
 def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
     rec = creation_record(model)
-    if rec is not None:
+    family = family_of(model)   # another model family (transformers) rebuilds its own class
+    if family is not None:
+        base = family.rebuild(model, rec, meta=True)
+        if rec is not None:
+            base.__dict__["ssf_deploy_create"] = dict(rec)
+    elif rec is not None:
         import timm
         with torch.device("meta"):
             base = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
@@ -527,7 +545,7 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
         raise FuseError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
                              f"base expects {tuple(base.state_dict()[bad[0]].shape)}")
     base.load_state_dict(state, strict=True, assign=True)
-    if rec is not None:
+    if rec is not None or family is not None:
         _materialise(base, model, rec)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -577,14 +595,20 @@ def _materialise(base: nn.Module, source: nn.Module, rec: dict) -> None:
                 value = cand
                 break
         if value is None and real is None:
-            import timm
-            real = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
+            family = family_of(source)
+            if family is not None:
+                real = family.rebuild(source, rec, meta=False)
+            else:
+                import timm
+                real = timm.create_model(rec["arch"], num_classes=rec["num_classes"],
+                                         **rec["kwargs"])
             owner = real.get_submodule(mod_name) if mod_name else real
             value = owner._buffers.get(attr) if is_buffer else vars(owner).get(attr)
         if not isinstance(value, torch.Tensor) or value.is_meta:
+            arch = (rec or {}).get("arch") or type(source).__name__
             raise FuseError(f"cannot materialise {mod_name + '.' if mod_name else ''}{attr} of the "
-                            f"fused {rec['arch']}: it is not in the state dict and neither the tuned "
-                            f"model nor a fresh {rec['arch']} has it")
+                            f"fused {arch}: it is not in the state dict and neither the tuned "
+                            f"model nor a fresh {arch} has it")
         owner = base.get_submodule(mod_name) if mod_name else base
         value = value.detach().to("cpu", copy=True)
         if is_buffer:

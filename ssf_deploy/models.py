@@ -13,7 +13,10 @@ from .errors import (BaseMismatchError, CheckpointError, SSFDeployError, UsageEr
 from .fileio import check_manifest
 
 __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
-           "input_size", "head_modules", "count_params", "example_input", "sized_kwargs"]
+           "input_size", "head_modules", "count_params", "example_input", "sized_kwargs",
+           "ModelFamily", "register_family", "family_of", "family_for", "call_args", "call_model",
+           "batch_len", "batch_slice", "inputs_to", "input_extent", "sample_shape", "logits_of",
+           "token_batch"]
 
 CREATE_RECORD = "ssf_deploy_create"
 
@@ -28,6 +31,9 @@ def resolve_arch(arch: str) -> str:
         from timm.models._registry import _deprecated_models
     except ImportError:  # pragma: no cover - older/newer timm without the private table
         _deprecated_models = {}
+    fam = family_for(arch)
+    if fam is not None:
+        return fam.resolve(arch)
     arch = _deprecated_models.get(arch, arch) or arch
     if not timm.is_model(arch.split(".")[0]) and not timm.is_model(arch):
         raise UsageError(f"unknown timm model '{arch}' (see timm.list_models())")
@@ -53,8 +59,13 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
         raise CheckpointError(f"weights file not found: {pretrained_file}")
     if init_seed is not None:
         torch.manual_seed(int(init_seed))
+    fam = family_for(arch)
     try:
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes), **kwargs)
+        if fam is not None:
+            model = fam.create(arch, int(num_classes), pretrained=pretrained, **kwargs)
+        else:
+            model = timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes),
+                                      **kwargs)
     except SSFDeployError:
         raise
     except Exception as e:
@@ -65,6 +76,8 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
     if pretrained_file is not None:
         load_base_weights(model, pretrained_file, arch=arch)
         source = f"file:{os.path.basename(pretrained_file)}"
+    elif pretrained and fam is not None:
+        source = fam.source(arch)
     elif pretrained:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         source = "timm-hub:" + (cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag') or ''}".rstrip("."))
@@ -154,6 +167,9 @@ def creation_record(model: nn.Module) -> Optional[dict]:
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model expects; a patch embedding's own size wins over the default config."""
+    fam = family_of(model)
+    if fam is not None:
+        return fam.input_size(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
     from timm.layers import PatchEmbed
@@ -166,6 +182,9 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
     """The classifier module(s): always trainable, never carrying tuning modules."""
+    fam = family_of(model)
+    if fam is not None:
+        return fam.head_modules(model)
     if hasattr(model, "get_classifier"):
         head = model.get_classifier()
         heads = list(head) if isinstance(head, (tuple, list)) else [head]
@@ -188,6 +207,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def example_input(model: nn.Module, batch: int = 2, image_size: Optional[int] = None,
                   seed: int = 0) -> torch.Tensor:
+    fam = family_of(model)
+    if fam is not None:   # e.g. text: {"input_ids", "attention_mask"}
+        return fam.example_input(model, batch, image_size, seed)
     c, h, w = input_size(model)
     if image_size:
         h = w = int(image_size)
@@ -206,6 +228,9 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
     Convolutional models run at any size and reject ``img_size``; we find out by building the
     model on the meta device, which costs no memory and downloads nothing.
     """
+    fam = family_for(arch)
+    if fam is not None:
+        return fam.sized_kwargs(arch, dict(model_kwargs or {}), image_size)
     kwargs = dict(model_kwargs or {})
     try:
         model = _meta_model(arch, kwargs)
@@ -228,3 +253,190 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
         except (ValueError, AssertionError, RuntimeError) as e:
             raise UsageError(f"{arch} cannot run at --image-size {size}: {first_line(e)}") from None
     return kwargs, size
+
+
+# --------------------------------------------------------------------------------------------
+# The one extension point for other model families. timm is the default and needs none of it:
+# every function above runs its own timm code when ``family_of``/``family_for`` say None. A
+# family (e.g. transformers, :mod:`ssf_deploy.hf`) owns arch names ``<prefix>:<id>`` and models
+# whose class comes from its package; it is imported only when such a name or model shows up,
+# so ``import ssf_deploy`` never imports transformers.
+
+
+class ModelFamily:
+    """How one family of models is created, fed and read by the pipeline.
+
+    A model input ("batch") is a tensor (one image input) or a mapping of named tensors (text:
+    ``input_ids``/``attention_mask``), sliced along dim 0; :func:`call_model` passes a mapping as
+    keyword arguments.
+    """
+    name: str = ""
+    prefix: str = ""           # arch names "<prefix>:<id>"
+    module_prefix: str = ""    # models whose class (or a base class) lives in this package
+
+    def owns(self, model: nn.Module) -> bool:
+        return any(c.__module__.split(".")[0] == self.module_prefix for c in type(model).__mro__)
+
+    def resolve(self, arch: str) -> str:
+        raise NotImplementedError
+
+    def create(self, arch: str, num_classes: int, *, pretrained: bool = False,
+               **kwargs) -> nn.Module:
+        """A new model (random init drawn from torch's RNG, or ``pretrained`` weights)."""
+        raise NotImplementedError
+
+    def source(self, arch: str) -> str:
+        """Where ``create(..., pretrained=True)`` took the weights from (recorded in tasks)."""
+        raise NotImplementedError
+
+    def rebuild(self, model: nn.Module, rec: Optional[dict], meta: bool) -> nn.Module:
+        """A fresh, untuned instance of ``model``'s architecture (on the meta device if asked):
+        what ``fuse`` loads the folded weights into."""
+        raise NotImplementedError
+
+    def sized_kwargs(self, arch: str, kwargs: dict, image_size: Optional[int]) -> tuple[dict, int]:
+        raise NotImplementedError
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def example_input(self, model: nn.Module, batch: int, image_size: Optional[int], seed: int):
+        raise NotImplementedError
+
+    def probe_spec(self, model: nn.Module, image_size: int, in_chans: int, batch: int) -> dict:
+        """What the golden probe feeds (see :mod:`ssf_deploy.formats.provenance`)."""
+        return {"shape": [int(batch), int(in_chans), int(image_size), int(image_size)]}
+
+    def onnx_names(self, model: nn.Module, example) -> tuple[list[str], list[str]]:
+        """(input names, output names) of the exported graph."""
+        raise NotImplementedError
+
+    def data_config(self, model: Optional[nn.Module] = None, arch: Optional[str] = None) -> dict:
+        """timm-style data config (input_size, mean, std, interpolation, crop_pct) for image
+        transforms (training, calibration)."""
+        raise NotImplementedError
+
+    def site_place(self, name: str, module: nn.Module) -> Optional[tuple[Optional[str], str]]:
+        """(block, role) of an SSF site by this family's module naming; None: timm's rules."""
+        return None
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+# name -> (arch prefix, package of its model classes, module that registers it): imported lazily
+_LAZY = {"transformers": ("transformers", "transformers", "ssf_deploy.hf.family")}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load(name: str) -> Optional[ModelFamily]:
+    if name not in _FAMILIES and name in _LAZY:
+        import importlib
+        try:
+            importlib.import_module(_LAZY[name][2])
+        except ImportError as e:
+            raise UsageError(f"{name} models need the optional extra: pip install "
+                             f"\"ssf-deploy[hf]\" ({first_line(e)})") from None
+    return _FAMILIES.get(name)
+
+
+def family_for(arch: Optional[str]) -> Optional[ModelFamily]:
+    """The family owning an arch name ``<prefix>:<id>``; None for timm names."""
+    if not isinstance(arch, str) or ":" not in arch:
+        return None
+    prefix = arch.split(":", 1)[0]
+    for name, (pre, _, _) in _LAZY.items():
+        if pre == prefix:
+            return _load(name)
+    return next((f for f in _FAMILIES.values() if f.prefix == prefix), None)
+
+
+def family_of(model: nn.Module) -> Optional[ModelFamily]:
+    """The family of a model instance (its creation record, else its class); None for timm."""
+    rec = model.__dict__.get(CREATE_RECORD) if isinstance(model, nn.Module) else None
+    if rec is not None:
+        return family_for(rec.get("arch"))
+    for fam in _FAMILIES.values():
+        if fam.owns(model):
+            return fam
+    mods = {c.__module__.split(".")[0] for c in type(model).__mro__}
+    for name, (_, package, _) in _LAZY.items():
+        if package in mods:
+            return _load(name)
+    return None
+
+
+def token_batch(batch: int, length: int, vocab: int, seed: int) -> dict:
+    """Random text inputs drawn from ``seed``: ids uniform in ``[0, vocab)``, each row's mask one
+    for a random length in ``[length/2, length]`` (so padding is exercised)."""
+    g = torch.Generator().manual_seed(int(seed))
+    ids = torch.randint(0, int(vocab), (int(batch), int(length)), generator=g)
+    lengths = torch.randint((int(length) + 1) // 2, int(length) + 1, (int(batch),), generator=g)
+    mask = (torch.arange(int(length))[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def call_args(x) -> tuple[tuple, dict]:
+    """(args, kwargs) that feed a batch to a model."""
+    from collections.abc import Mapping
+    return ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
+
+
+def call_model(model, x):
+    args, kwargs = call_args(x)
+    return model(*args, **kwargs)
+
+
+def _first(x) -> torch.Tensor:
+    from collections.abc import Mapping
+    return next(iter(x.values())) if isinstance(x, Mapping) else x
+
+
+def batch_len(x) -> int:
+    return int(_first(x).shape[0])
+
+
+def batch_slice(x, start: int, stop: int):
+    from collections.abc import Mapping
+    if isinstance(x, Mapping):
+        return {k: v[start:stop] for k, v in x.items()}
+    return x[start:stop]
+
+
+def inputs_to(x, device=None, dtype: Optional[torch.dtype] = None):
+    """Move a batch; only floating tensors take ``dtype`` (token ids stay integers)."""
+    from collections.abc import Mapping
+
+    def move(t):
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
+                    else t.dtype)
+    return {k: move(v) for k, v in x.items()} if isinstance(x, Mapping) else move(x)
+
+
+def input_extent(x) -> int:
+    """Image size (last spatial dim) or sequence length of a batch."""
+    return int(_first(x).shape[-1])
+
+
+def sample_shape(x):
+    """Per-sample shape(s) of a batch (a key for cached graph statistics)."""
+    from collections.abc import Mapping
+    if isinstance(x, Mapping):
+        return {k: list(v.shape[1:]) for k, v in sorted(x.items())}
+    return list(x.shape[1:])
+
+
+def logits_of(out) -> torch.Tensor:
+    """The classifier output of a forward: a tensor, a model output's ``logits`` (or its first
+    field), or the first element of a tuple."""
+    from collections.abc import Mapping
+    if isinstance(out, Mapping):
+        return out["logits"] if "logits" in out else next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out

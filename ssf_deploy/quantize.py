@@ -302,6 +302,12 @@ def eval_transform(arch: str, input_size: tuple):
     """timm's eval transform for ``arch`` at ``input_size`` (C, H, W): what training evaluated."""
     from timm.data import create_transform, resolve_data_config
     from timm.models import get_pretrained_cfg
+
+    from .models import family_for
+    family = family_for(arch)   # e.g. transformers: its image processor's normalisation
+    if family is not None:
+        cfg = dict(family.data_config(arch=arch), input_size=tuple(input_size))
+        return create_transform(**cfg, is_training=False), cfg
     try:
         pcfg = get_pretrained_cfg(arch)
     except Exception:

@@ -79,7 +79,13 @@ def make_inputs(spec: str, model, batch_size: int, image_size: Optional[int],
                          f"{spec!r} is neither")
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
-    cfg = resolve_data_config({}, model=model)
+
+    from ..models import family_of
+    family = family_of(model)
+    if family is not None and input_size(model)[0] < 1:
+        raise UsageError(f"--inputs {spec}: a folder of images, but {type(model).__name__} is a "
+                         f"text model (pass a number of random batches)")
+    cfg = family.data_config(model) if family is not None else resolve_data_config({}, model=model)
     if image_size:
         cfg["input_size"] = (3, image_size, image_size)
     else:

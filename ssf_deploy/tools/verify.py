@@ -52,6 +52,7 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     from ..export import OrtRunner
     from ..formats.task import provenance_of
     from ..fuse import fuse
+    from ..models import batch_len, batch_slice, input_extent
 
     atol, rtol = resolve_tolerances(atol, rtol, fp16)
     task = load_task(ckpt, pack)
@@ -59,15 +60,16 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     inputs = make_inputs(inputs_spec, model, batch_size, image_size_for(task, image_size))
     probe = (provenance_of(model) or {}).get("probe")
     golden = GoldenProbe(probe) if probe is not None else None
-    fused = fuse(model, inputs[0][:2])
+    fused = fuse(model, batch_slice(inputs[0], 0, 2))
     candidates = [("fused (PyTorch)", _Half(fused) if fp16 else fused, False)]
     if onnx_path:
         runner = OrtRunner(onnx_path)
         shape = runner.session.get_inputs()[0].shape
         static = isinstance(shape[0], int)
-        if static and shape[0] != inputs[0].shape[0]:
-            inputs = [x[i:i + shape[0]] for x in inputs for i in range(0, x.shape[0], shape[0])]
-        if isinstance(shape[2], int) and shape[2] != inputs[0].shape[2]:
+        if static and shape[0] != batch_len(inputs[0]):
+            inputs = [batch_slice(x, i, i + shape[0]) for x in inputs
+                      for i in range(0, batch_len(x), shape[0])]
+        if len(shape) == 4 and isinstance(shape[2], int) and shape[2] != inputs[0].shape[2]:
             raise UsageError(f"{onnx_path} expects {shape[2]}x{shape[3]} inputs, the model "
                              f"{inputs[0].shape[2]}x{inputs[0].shape[3]}: pass --image-size")
         candidates.append(("fused (onnxruntime)", runner, static))
@@ -80,7 +82,7 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
         label = getattr(cand, "label", label) if fp16 and "onnx" not in label else label
         reports.append(compare(reference, run_outputs(cand, inputs), atol=atol, rtol=rtol,
                                names=["logits"], ref_name="unfused (PyTorch)", cand_name=label))
-        if golden is not None and golden.image_size == inputs[0].shape[-1]:
+        if golden is not None and golden.image_size == input_extent(inputs[0]):
             reports.append(golden.check(cand, label, atol=atol, rtol=rtol, per_sample=static))
     ok = all(r.passed for r in reports)
     anchor = anchor_of(model)
