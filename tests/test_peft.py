@@ -203,6 +203,19 @@ def test_unload_disable_and_unmerge_give_the_base_back_exactly():
     assert all(torch.equal(mine[k], theirs[k]) for k in mine if not k.startswith("classifier."))
 
 
+def test_two_adapters_merge_in_the_order_the_forward_applies_them():
+    model = get_peft_model(make("vit"), SSFConfig(modules_to_save=["classifier"], init_std=0.2))
+    model.add_adapter("second", SSFConfig(init_std=0.2))
+    model.base_model.set_adapter(["default", "second"])
+    layer = next(m for m in model.modules() if isinstance(m, SSFLayer))
+    assert set(layer.ssf_scale) == {"default", "second"}
+    x = example_input(model.base_model.model, batch=2)
+    both = _out(model.eval(), x)
+    merged = model.merge_and_unload(adapter_names=["default", "second"])
+    assert type(merged) is type(make("vit"))
+    assert (_out(merged.eval(), x) - both).abs().max() <= 1e-4
+
+
 def test_a_merge_that_needs_new_parameters_is_refused_and_changes_nothing():
     """A shift after a bias-less Linear whose consumer is GELU has nowhere exact to go."""
     torch.manual_seed(0)
@@ -211,6 +224,8 @@ def test_a_merge_that_needs_new_parameters_is_refused_and_changes_nothing():
     x = torch.randn(3, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = _out(model, x)
+    with pytest.raises(ValueError, match="example_inputs"):   # a plain module: no sizes known
+        model.merge_and_unload()
     with pytest.raises(ValueError, match="exactly"):
         model.merge_and_unload(example_inputs=x)
     after = model.state_dict()

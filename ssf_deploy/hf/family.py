@@ -231,11 +231,8 @@ class TransformersFamily(ModelFamily):
         if arch is None and model is not None:
             arch = (creation_record(model) or {}).get("arch")
         proc = self._processor_config(arch) if arch else {}
-        if model is not None:
-            c, h, _ = self.input_size(model)
-        else:
-            vision = _vision(self.config(arch)) if arch else None
-            c, h = (vision.num_channels, _size(vision.image_size)) if vision else (3, 224)
+        # without a model (quantize: the ONNX gives the size) the config is not read at all
+        c, h, _ = self.input_size(model) if model is not None else (3, 224, 224)
         return {"input_size": (c, h, h),
                 "mean": tuple(proc.get("image_mean") or IMAGENET_DEFAULT_MEAN),
                 "std": tuple(proc.get("image_std") or IMAGENET_DEFAULT_STD),

@@ -19,8 +19,9 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 
+from ..errors import FuseError
 from ..fuse import fold_ssf
-from ..models import example_input, head_modules
+from ..models import example_input, family_of, head_modules
 from ..tuners.ssf import site_of
 from ..verify import compare, run_outputs
 from .layer import SSFLayer
@@ -70,11 +71,13 @@ class SSFModel(BaseTuner):
             skip |= {id(m) for m in out.modules()}
         for m in model.modules():
             if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)):
-                skip |= {id(c) for c in m.modules()}
+                skip |= {id(c) for c in m.modules() if not isinstance(c, SSFLayer)}
         names = set()
         for name, m in model.named_modules():
             if not name or id(m) in skip:
                 continue
+            if isinstance(m, SSFLayer):   # another SSF adapter on the same layer: a target too
+                m = m.base_layer
             spec = site_of(name, m)
             if spec is None or spec[2]:
                 continue
@@ -123,6 +126,9 @@ class SSFModel(BaseTuner):
         if not names:
             return
         if example_inputs is None:
+            if family_of(self.model) is None and not hasattr(self.model, "pretrained_cfg"):
+                raise ValueError(f"SSF merges by tracing the model: pass example_inputs= (a "
+                                 f"batch {type(self.model).__name__} takes) to merge")
             example_inputs = example_input(self.model, batch=2)
         tensors = self.model.state_dict(keep_vars=True)
         originals: dict[str, torch.Tensor] = {}
@@ -141,6 +147,8 @@ class SSFModel(BaseTuner):
                 only([name])
                 try:
                     folded, report = fold_ssf(self.model, example_inputs)
+                except FuseError as e:   # PEFT's callers expect a ValueError
+                    raise ValueError(f"cannot merge SSF adapter '{name}': {e}") from None
                 finally:
                     only(None)
                 if report.added:
