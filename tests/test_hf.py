@@ -41,7 +41,14 @@ def test_core_import_needs_neither_transformers_nor_peft():
             "m = timm.create_model('test_vit', num_classes=3, img_size=32, patch_size=8)\n"
             "ssf_deploy.apply_method(m, 'ssf'); ssf_deploy.fuse(m)\n"
             "bad = [k for k in sys.modules if k.split('.')[0] in ('transformers', 'peft')]\n"
-            "assert not bad, bad\n")
+            "assert not bad, bad\n"
+            "sys.modules['transformers'] = None   # as if the extra were not installed\n"
+            "try:\n"
+            "    ssf_deploy.create_base_model('transformers:some/model', 2)\n"
+            "except ssf_deploy.UsageError as e:\n"
+            "    assert 'pip install \"ssf-deploy[hf]\"' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('no error')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
 

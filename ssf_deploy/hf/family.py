@@ -27,6 +27,7 @@ import warnings
 from typing import Optional
 
 import torch
+import transformers  # noqa: F401  (the extra: a missing one fails here, where models.py says so)
 from torch import nn
 
 from ..errors import BaseMismatchError, CheckpointError, UsageError, first_line
