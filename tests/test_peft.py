@@ -242,6 +242,30 @@ def test_a_merge_that_needs_new_parameters_is_refused_and_changes_nothing():
 
 # ---------------------------------------------------------------------------- training
 
+def test_training_folds_layernorm_sites_and_matches_the_plain_affine():
+    """A LayerNorm site trains as layer_norm(x, scale*w, scale*b + shift) (no extra activation
+    kept); its outputs and gradients are those of the plain scale/shift after the norm."""
+    from ssf_deploy.layers.scale_shift import ssf_mode
+    model = _tuned("vit").train()
+    x = example_input(model.base_model.model, batch=2)
+    grads = []
+    for mode in ("lean", "naive"):
+        model.zero_grad()
+        with ssf_mode(mode):
+            out = _out_grad(model, x)
+        out.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None and ".ssf_" in n})
+    assert grads[0].keys() == grads[1].keys() and any("layernorm" in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5)
+
+
+def _out_grad(model, x):
+    return logits_of(call_model(model, x))
+
+
+
 def test_ssf_trains_bert_through_transformers_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
     x, y = topic_batch(96, seed=0, shift=9)   # another task over the upstream vocabulary

@@ -18,7 +18,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..layers.scale_shift import scale_shift
+from ..layers.scale_shift import current_mode, layer_norm_scale_shift, scale_shift
 from ..tuners.ssf import _init_, site_of
 
 __all__ = ["SSFLayer"]
@@ -72,11 +72,22 @@ class SSFLayer(nn.Module, BaseTunerLayer):
             names = self.active_adapters
         return [n for n in names if n in self.ssf_scale or n in self.ssf_shift]
 
+    def _factors(self, name: str):
+        return (self.ssf_scale[name] if name in self.ssf_scale else None,
+                self.ssf_shift[name] if name in self.ssf_shift else None)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        for name in self._applied():
-            out = scale_shift(out, self.ssf_scale[name] if name in self.ssf_scale else None,
-                              self.ssf_shift[name] if name in self.ssf_shift else None, self.dim)
+        names = self._applied()
+        base = self.base_layer
+        if len(names) == 1 and type(base) is nn.LayerNorm and not args and not kwargs \
+                and torch.is_grad_enabled() and current_mode() == "lean":
+            # training: SSF folded into the norm (layer_norm(x, scale*w, scale*b + shift)) keeps
+            # nothing a frozen norm does not keep, instead of the norm's output
+            return layer_norm_scale_shift(x, base.normalized_shape, base.weight, base.bias,
+                                          base.eps, *self._factors(names[0]))
+        out = base(x, *args, **kwargs)
+        for name in names:
+            out = scale_shift(out, *self._factors(name), self.dim)
         return out
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
