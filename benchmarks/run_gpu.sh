@@ -3,9 +3,13 @@
 # offline: nothing is installed or downloaded. Results go to benchmarks/results/gpu_*:
 #
 #   gpu_env.txt               nvidia-smi, Python, torch/CUDA, onnxruntime (+ providers), timm, TensorRT
-#   gpu_pytest.txt            python -m pytest -q -m "gpu or tensorrt"
+#   gpu_pytest.txt            python -m pytest -q -m "gpu or tensorrt": every real-TensorRT test
+#                             (build/run/refit through Polygraphy, engine + refit from Python,
+#                             two named inputs, INT8 Q/DQ and calibration, explicit device)
 #   gpu_vit_base_b32.{json,png,txt}   the Fig. 3 cost benchmark (ViT-B/16, batch 32, CUDA)
 #   gpu_engine_tiny_{fp32,fp16}.json   TensorRT builds of a fused tiny ViT (when TensorRT imports)
+#   gpu_bundle.json           a 10-task ViT-S/16 bundle engine vs the fused model's, fp32/fp16,
+#                             and a task added by refit (when TensorRT imports)
 #   gpu_summary.txt           one line per step: status, exit code, seconds
 #   gpu_*.log                 each step's stderr (progress, warnings, TensorRT's log)
 #
@@ -31,6 +35,7 @@ ENV_S="${ENV_S:-40}"
 PYTEST_S="${PYTEST_S:-170}"
 BENCH_S="${BENCH_S:-240}"
 ENGINE_S="${ENGINE_S:-40}"
+BUNDLE_S="${BUNDLE_S:-200}"
 
 START=$SECONDS
 FAILED=0
@@ -93,7 +98,7 @@ import onnxruntime as ort
 print("onnxruntime", ort.__version__, "| device", ort.get_device(), "| providers",
       ort.get_available_providers())
 for name in ("timm", "onnx", "onnxsim", "click", "safetensors", "pytest", "matplotlib",
-             "tensorrt"):
+             "polygraphy", "tensorrt"):
     try:
         m = importlib.import_module(name)
         try:
@@ -148,6 +153,16 @@ if trt_err="$("$PY" -c 'import tensorrt; print(tensorrt.__version__)' 2>&1)"; th
     fi
 else
     skip "engine-fp32/fp16" "TensorRT not importable: $(echo "$trt_err" | tail -n 1)"
+fi
+
+# (e) a task bundle as one TensorRT engine (ViT-S/16, 10 synthetic tasks, batch 16): its
+#     latency next to the fused model's engine at fp32 and fp16, and a task added by refit
+if [[ -n "${trt_err:-}" ]] && "$PY" -c 'import tensorrt' 2>/dev/null; then
+    step bundle-engine "$BUNDLE_S" "$RES/gpu_bundle.txt" \
+        "$PY" benchmarks/bundle/run.py --gpu --archs vit_small_patch16_224 --tasks 10 \
+        --batch 16 --out "$RES" --work "$WORK"
+else
+    skip "bundle-engine" "TensorRT not importable"
 fi
 
 note "summary ($(( SECONDS - START )) s):"

@@ -140,7 +140,7 @@ def builtin_dataset(root: Optional[str] = None, *, size: int = 32, train_per_cla
                 if json.load(f) == want:
                     return root
         except (OSError, ValueError):
-            pass
+            pass     # an unreadable stamp: the tree is regenerated below, like a stale one
     elif os.path.isdir(root) and os.listdir(root):
         raise SSFDeployError(f"{root} exists and is not a built-in dataset folder; "
                              f"choose another location")
@@ -152,7 +152,7 @@ def builtin_dataset(root: Optional[str] = None, *, size: int = 32, train_per_cla
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-builtin-", dir=parent)
     except OSError as e:   # one line naming the dataset folder, not a temp name
-        raise OutputError(describe_os_error(e, root)) from None
+        raise OutputError(describe_os_error(e, root)) from e
     try:
         for split, n, split_id in (("train", train_per_class, 0), ("val", val_per_class, 1)):
             for ci, cls in enumerate(BUILTIN_CLASSES):
@@ -178,7 +178,7 @@ def builtin_dataset(root: Optional[str] = None, *, size: int = 32, train_per_cla
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(describe_os_error(e, root)) from None
+        raise OutputError(describe_os_error(e, root)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -266,9 +266,9 @@ def make_loaders(data_dir: str, *, image_size: int, batch_size: int, workers: in
 
     classes = inspect_data_dir(data_dir)
     if batch_size < 1:
-        raise SSFDeployError(f"--batch-size must be >= 1, got {batch_size}")
+        raise SSFDeployError(f"`batch_size` must be >= 1, got {batch_size}")
     if image_size < 8:
-        raise SSFDeployError(f"--image-size must be >= 8, got {image_size}")
+        raise SSFDeployError(f"`image_size` must be >= 8, got {image_size}")
     cfg = dict(data_config or {})
     common = dict(input_size=(3, image_size, image_size),
                   interpolation=cfg.get("interpolation", "bilinear"),
@@ -284,7 +284,7 @@ def make_loaders(data_dir: str, *, image_size: int, batch_size: int, workers: in
         val_ds = create_dataset("", root=os.path.join(data_dir, "val"), class_map=class_map,
                                 transform=val_tf)
     except RuntimeError as e:   # timm: "Found 0 images in subfolders of ..."
-        raise SSFDeployError(first_line(e)) from None
+        raise SSFDeployError(first_line(e)) from e
 
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=False)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import OutputError, UsageError, VerificationError
 from .fileio import OutputSet, atomic_path, check_writable, manifest_path, save_safetensors
-from .formats.provenance import checked_probe_inputs
+from .anchor import GoldenProbe, anchor_of
 from .formats.task import provenance_of
 from .fuse import FuseReport, fuse_with_report
 from .models import batch_len, batch_slice, input_extent, sample_shape
@@ -32,53 +32,6 @@ __all__ = ["deploy", "DeployReport", "graph_stats_cached", "GoldenProbe", "ancho
 
 RECORDED = "recorded at training (golden probe)"
 
-
-class GoldenProbe:
-    """A task's recorded outputs and the inputs they were recorded on, as one comparison.
-
-    ``check(candidate)`` runs any model or runner on the probe inputs (one sample at a time when
-    ``per_sample``, for static-batch ONNX) and compares with what was *recorded*, not with a
-    reconstruction.
-    """
-
-    def __init__(self, probe: dict):
-        self.inputs = checked_probe_inputs(probe)
-        self.logits = probe["logits"].float().numpy()
-        self.recorded = probe.get("recorded", "at training")
-
-    @property
-    def image_size(self) -> int:
-        return input_extent(self.inputs)   # image size, or a text probe's sequence length
-
-    def check(self, candidate, name: str, *, atol: float, rtol: float,
-              per_sample: bool = False) -> VerifyReport:
-        n = batch_len(self.inputs)
-        batches = [batch_slice(self.inputs, i, i + 1) for i in range(n)] if per_sample \
-            else [self.inputs]
-        return compare([self.logits], run_outputs(candidate, batches), atol=atol, rtol=rtol,
-                       names=["logits"], ref_name=f"recorded {self.recorded} (golden probe)",
-                       cand_name=name)
-
-
-def anchor_of(model: nn.Module) -> dict:
-    """What a PASS for ``model`` is anchored to: the base check and the golden probe."""
-    prov = provenance_of(model)
-    if prov is None:
-        return {"base": "not checked (model not built from a checkpoint)", "probe": "none"}
-    bc = prov.get("base_check") or {}
-    status = bc.get("status", "?")
-    base = {"verified": f"verified: {bc.get('actual')} ({bc.get('tensors')} tensors, "
-                        f"hashed in {bc.get('seconds', 0):.2f} s)",
-            "complete": "the checkpoint holds every tensor (no separate base)",
-            "mismatch-overridden": f"NOT VERIFIED (--allow-base-mismatch): expected "
-                                   f"{bc.get('expected')}, got {bc.get('actual')}",
-            "unrecorded-overridden": "NOT VERIFIED (--allow-base-mismatch): the checkpoint "
-                                     "records no base hash"}.get(status, status)
-    probe = prov.get("probe")
-    return {"base": base, "base_status": status,
-            "probe": "recorded" if probe is not None else
-            ("none (official SSF checkpoint: its mapping is validated against dongzelian/SSF "
-             "in the test suite)" if prov.get("source") == "official-ssf" else "none recorded")}
 
 Progress = Optional[Callable[[str], None]]
 

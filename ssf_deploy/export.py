@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .errors import SSFDeployError, first_line
-from .fileio import atomic_path, check_manifest
+from .fileio import atomic_path
 from .models import call_args, example_input, family_of, inputs_to
+from .runtime import OrtRunner  # noqa: F401 - moved to the runtime layer; imported from here too
 
 __all__ = ["export_onnx", "export_proto", "graph_stats", "OrtRunner", "initializer_map",
            "read_metadata", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME"]
@@ -185,56 +186,3 @@ def export_onnx(model: nn.Module, path: str, *, example: Optional[torch.Tensor] 
 
 def read_metadata(proto: onnx.ModelProto) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
-
-
-class OrtRunner:
-    """Run an ONNX model in onnxruntime as a callable on torch tensors.
-
-    ``providers`` (attribute) lists the execution providers the session really runs on
-    (``InferenceSession.get_providers()``), whatever was asked for.
-    """
-
-    def __init__(self, model, providers=None, initializers: Optional[dict] = None,
-                 label: str = "onnxruntime"):
-        import onnxruntime as ort
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        if isinstance(data, (str, os.PathLike)):
-            if not os.path.isfile(data):
-                raise SSFDeployError(f"ONNX file not found: {data}")
-            check_manifest(data)
-            with open(data, "rb") as f:
-                data = f.read()
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if initializers:
-            # onnxruntime 1.32 applies overrides unreliably once graph optimizations fold
-            # initializers (seen: ViT patch-embed Conv kept the old weights): run unoptimized.
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self._keep = []
-        for name, value in (initializers or {}).items():
-            ov = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-            self._keep.append(ov)          # must outlive the session
-            opts.add_initializer(name, ov)
-        try:
-            self.session = ort.InferenceSession(
-                data, opts, providers=providers or ort.get_available_providers())
-        except Exception as e:
-            raise SSFDeployError(f"onnxruntime cannot load the model: {first_line(e)}") from e
-        self.input = self.session.get_inputs()[0].name
-        self.inputs = {i.name: i.type for i in self.session.get_inputs()}
-        self.label = label
-        # the providers the session actually uses, in priority order: asking for
-        # CUDAExecutionProvider without onnxruntime-gpu silently gives ["CPUExecutionProvider"]
-        self.providers = list(self.session.get_providers())
-
-    def __call__(self, x: torch.Tensor):
-        if isinstance(x, dict):   # named inputs (text): each in the graph's own element type
-            arrays = {k: v.detach().cpu().numpy() for k, v in x.items() if k in self.inputs}
-            feed = {k: a.astype(_NP_TYPES.get(self.inputs[k], a.dtype)) for k, a in arrays.items()}
-        else:
-            feed = {self.input: x.detach().float().cpu().numpy()}
-        return [torch.from_numpy(o) for o in self.session.run(None, feed)]
-
-
-_NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-             "tensor(bool)": np.bool_}

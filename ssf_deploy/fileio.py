@@ -121,11 +121,11 @@ def _machine_token() -> str:
         with open("/proc/sys/kernel/random/boot_id") as f:
             parts.append(f.read().strip())
     except OSError:
-        pass
+        pass     # not Linux: the host name and pid namespace still tell machines apart
     try:
         parts.append(os.readlink("/proc/self/ns/pid"))
     except OSError:
-        pass
+        pass     # no pid namespaces here: one namespace, nothing to tell apart
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
 
 
@@ -276,11 +276,11 @@ def check_writable(*paths: Optional[str], need: Optional[dict] = None) -> None:
         try:
             probe = _make_temp(existing, full, ".probe")
         except OSError as e:
-            raise OutputError(describe_os_error(e, path)) from None
+            raise OutputError(describe_os_error(e, path)) from e
         try:
             os.unlink(probe)
         except OSError:
-            pass
+            pass     # a probe left behind is a stale temp file: the next sweep removes it
         free = _free_bytes(existing)
         if free is None:
             continue
@@ -415,7 +415,7 @@ class OutputSet:
             tmp = _make_temp(folder, full, suffix if suffix is not None
                              else os.path.splitext(full)[1])
         except OSError as e:
-            raise OutputError(describe_os_error(e, path)) from None
+            raise OutputError(describe_os_error(e, path)) from e
         self._members.append(_Member(path, full, tmp, record))
         _shown[tmp] = path
         return tmp
@@ -445,7 +445,7 @@ class OutputSet:
                 self.abort()
                 mapped = self._mapped(e)
                 if mapped is not None:
-                    raise mapped from None
+                    raise mapped from e
                 raise
             return False
         self.abort()
@@ -509,7 +509,7 @@ class OutputSet:
                 if with_manifest and m.record:
                     entries[m.full] = {"bytes": os.path.getsize(m.tmp), "sha256": sha256_of(m.tmp)}
             except OSError as e:
-                raise OutputError(describe_os_error(e, step.path)) from None
+                raise OutputError(describe_os_error(e, step.path)) from e
         folders = sorted({os.path.dirname(m.full) for m in self._members})
         own = {os.path.join(f, os.path.basename(manifest_path(recorded[0].full)))
                for f in folders} if with_manifest else set()
@@ -518,7 +518,7 @@ class OutputSet:
             try:
                 os.replace(m.tmp, m.full)
             except OSError as e:
-                raise OutputError(describe_os_error(e, m.path)) from None
+                raise OutputError(describe_os_error(e, m.path)) from e
             _shown.pop(m.tmp, None)
         for f in folders:
             _fsync(f, directory=True)
@@ -565,7 +565,7 @@ class OutputSet:
                         pass
                     raise
             except OSError as e:
-                raise OutputError(describe_os_error(e, target)) from None
+                raise OutputError(describe_os_error(e, target)) from e
             _fsync(folder, directory=True)
 
 

@@ -31,10 +31,12 @@ from torch import nn
 
 from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
-from .models import call_args, creation_record, example_input, family_of, inputs_to
+from .models import (CREATE_RECORD, call_args, creation_record, example_input, family_of,
+                     inputs_to)
+from .runtime.keys import key_diff
 from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "fuse_with_report", "fold_ssf", "FuseReport", "Fold"]
+__all__ = ["fuse", "fuse_with_report", "fuse_many", "fold_ssf", "FuseReport", "Fold"]
 
 aten = torch.ops.aten
 _SSF = torch.ops.ssf_deploy.scale_shift.default
@@ -463,8 +465,30 @@ def _same_factors(a, b) -> bool:
     return ga.shape == gb.shape and torch.equal(ga, gb) and torch.equal(ba, bb)
 
 
-def _fold(model, state, example, report: FuseReport) -> dict:
+def fuse_many(model: nn.Module, states, example: Optional[torch.Tensor] = None):
+    """Fuse several tasks of one tuned architecture with ONE trace: yields ``(fused, report)``
+    for each full state dict in ``states`` (``model``'s keys, another task's values).
+
+    What each fold does depends only on the graph and on the values it reads, so the trace is
+    shared; a bundle's exactness gate fuses every task this way.
+    """
+    meta = method_of(model)
+    if meta is None or meta["method"] != "ssf":
+        raise FuseError("fuse_many folds SSF tasks: the model must carry method 'ssf'")
     ep = _trace(model, example)
+    for st in states:
+        report = FuseReport()
+        state = {k: v.detach().cpu() for k, v in st.items()}
+        state = {k: v for k, v in _fold_traced(ep, state, report).items()
+                 if not k.endswith(_SSF_KEYS)}
+        yield _build_base(model, state, report).eval(), report
+
+
+def _fold(model, state, example, report: FuseReport) -> dict:
+    return _fold_traced(_trace(model, example), state, report)
+
+
+def _fold_traced(ep, state, report: FuseReport) -> dict:
     folder = _Folder(state, ep, report)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is _SSF]
     producers = {node: _walk_back(node.args[0], node.args[3])[0] for node in nodes}
@@ -519,12 +543,12 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
     if family is not None:
         base = family.rebuild(model, rec, meta=True)
         if rec is not None:
-            base.__dict__["ssf_deploy_create"] = dict(rec)
+            base.__dict__[CREATE_RECORD] = dict(rec)
     elif rec is not None:
         import timm
         with torch.device("meta"):
             base = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
-        base.__dict__["ssf_deploy_create"] = dict(rec)
+        base.__dict__[CREATE_RECORD] = dict(rec)
     else:
         base = copy.deepcopy(model)
         unload(base)
@@ -535,15 +559,13 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
         mod_name, _, attr = name.rpartition(".")
         mod = base.get_submodule(mod_name) if mod_name else base
         mod.register_parameter(attr, nn.Parameter(torch.empty_like(state[name], device="meta")))
-    missing = set(base.state_dict()) - set(state)
-    unexpected = set(state) - set(base.state_dict())
-    if missing or unexpected:
+    diff = key_diff(base.state_dict(), state)
+    if diff.missing or diff.unexpected:
         raise FuseError(f"fused weights do not fit the base architecture: missing "
-                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    bad = [k for k, v in base.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
-    if bad:
-        raise FuseError(f"fused weight {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
-                             f"base expects {tuple(base.state_dict()[bad[0]].shape)}")
+                             f"{sorted(diff.missing)[:3]}, unexpected {sorted(diff.unexpected)[:3]}")
+    if diff.wrong_shape:
+        k, want, got = diff.wrong_shape[0]
+        raise FuseError(f"fused weight {k} has shape {got}, base expects {want}")
     base.load_state_dict(state, strict=True, assign=True)
     if rec is not None or family is not None:
         _materialise(base, model, rec)

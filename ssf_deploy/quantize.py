@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +28,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, SSFDeployError, UsageError, VerificationError, first_line
+from .errors import SSFDeployError, UsageError, VerificationError, first_line
 from .fileio import atomic_path
+from .runtime import (data_config, eval_transform, graph_inputs, image_files, interleaved,
+                      load_images, load_onnx, ort_session)
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize_onnx", "measure_latency", "runtime_graph",
-           "image_sets", "eval_transform", "onnx_arch", "cpu_has_vnni", "CALIBRATION_METHODS", "TARGETS",
+           "image_sets", "eval_transform", "data_config", "onnx_arch", "cpu_has_vnni", "CALIBRATION_METHODS", "TARGETS",
            "QUANT_TYPES",
            "META_ARCH", "META_QUANT"]
 
@@ -42,7 +43,6 @@ META_QUANT = "ssf_deploy.quantize"     # the recipe, recorded in the int8 model
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANT_TYPES = ("u8", "s8")
 TARGETS = ("onnxruntime", "tensorrt")
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 Progress = Optional[Callable[[str], None]]
 
@@ -84,37 +84,38 @@ class QuantizeConfig:
         for name in ("activation_type", "weight_type"):
             v = getattr(self, name)
             if v is not None and v not in QUANT_TYPES:
-                raise UsageError(f"--{name.replace('_', '-')} must be one of "
-                                 f"{', '.join(QUANT_TYPES)}, got {v!r}")
+                raise UsageError(f"`{name}` must be one of {', '.join(QUANT_TYPES)}, got {v!r}")
             if self.target == "tensorrt" and v == "u8":
-                raise UsageError(f"--{name.replace('_', '-')} u8 cannot be built by TensorRT "
-                                 f"(signed symmetric INT8 only): drop it or use --for onnxruntime")
+                raise UsageError(f"`{name}` u8 cannot be built by TensorRT (signed symmetric "
+                                 f"INT8 only): drop it or use `target` onnxruntime")
         if self.target == "tensorrt" and self.reduce_range:
-            raise UsageError("--reduce-range is an onnxruntime CPU workaround; TensorRT takes "
-                             "full 8-bit weights (drop it with --for tensorrt)")
+            raise UsageError("`reduce_range` is an onnxruntime CPU workaround; TensorRT takes "
+                             "full 8-bit weights (drop it with `target` tensorrt)")
         if not 0 <= self.min_agreement <= 100:
-            raise UsageError(f"--min-agreement is a percentage in [0, 100], got "
+            raise UsageError(f"`min_agreement` is a percentage in [0, 100], got "
                              f"{self.min_agreement:g}")
         if 0 < self.min_agreement <= 1:
-            raise UsageError(f"--min-agreement is a percentage (e.g. 99), got "
+            raise UsageError(f"`min_agreement` is a percentage (e.g. 99), got "
                              f"{self.min_agreement:g}")
         if self.calib_images < 1 or self.eval_images < 1:
-            raise UsageError("--calib-images and --eval-images must be >= 1")
+            raise UsageError("`calib_images` and `eval_images` must be >= 1")
         if self.val_images is not None and self.val_images < 1:
-            raise UsageError("--val-images must be >= 1")
+            raise UsageError("`val_images` must be >= 1")
         if self.latency_runs < 0 or self.latency_warmup < 0 or self.latency_batch < 1:
-            raise UsageError("--latency-runs/--latency-warmup must be >= 0, --latency-batch >= 1")
+            raise UsageError("`latency_runs`/`latency_warmup` must be >= 0, `latency_batch` >= 1")
         if not 0 < self.percentile <= 100:
-            raise UsageError(f"--percentile must be in (0, 100], got {self.percentile:g}")
+            raise UsageError(f"`percentile` must be in (0, 100], got {self.percentile:g}")
         if self.keep_float < 0:
-            raise UsageError(f"--keep-float must be >= 0, got {self.keep_float}")
+            raise UsageError(f"`keep_float` must be >= 0, got {self.keep_float}")
         if self.threads is not None and self.threads < 1:
-            raise UsageError("--threads must be >= 1")
+            raise UsageError("`threads` must be >= 1")
 
     def resolved_reduce_range(self) -> bool:
         if self.target == "tensorrt":
             return False
-        return (not cpu_has_vnni()) if self.reduce_range is None else bool(self.reduce_range)
+        if self.reduce_range is not None:
+            return bool(self.reduce_range)
+        return cpu_has_vnni() is False      # unknown CPU: onnxruntime's default (full 8 bits)
 
     def resolved_activation_type(self) -> str:
         return self.activation_type or ("s8" if self.target == "tensorrt" else "u8")
@@ -131,6 +132,7 @@ class QuantizeConfig:
              "target": self.target, "activation_type": self.resolved_activation_type(),
              "weight_type": self.weight_type, **self.extra_options(),
              "per_channel": self.per_channel, "reduce_range": self.resolved_reduce_range(),
+             "cpu_vnni": cpu_has_vnni(),        # None: /proc/cpuinfo unreadable
              "calibration": self.method,
              "op_types": list(self.op_types) or "all",
              "exclude_nodes": list(self.exclude_nodes),
@@ -233,12 +235,12 @@ class QuantizeReport:
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "avx512vnni", "amx_int8")
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has a VNNI dot-product instruction (Linux ``/proc/cpuinfo`` flags).
+def cpu_has_vnni() -> Optional[bool]:
+    """Whether this x86 CPU has a VNNI dot-product instruction (Linux ``/proc/cpuinfo`` flags);
+    None when the flags cannot be read (the recipe then keeps onnxruntime's default and says so).
 
     Without it onnxruntime's u8 x s8 kernels (AVX2 ``vpmaddubsw``) add pairs of products in
     16 bits and can saturate with full 8-bit weights; 7-bit weights (``reduce_range``) avoid it.
-    Anything we cannot read counts as "has VNNI", which keeps onnxruntime's own default.
     """
     try:
         with open("/proc/cpuinfo") as f:
@@ -247,23 +249,15 @@ def cpu_has_vnni() -> bool:
                     flags = set(line.split(":", 1)[1].split())
                     return bool(flags & set(_VNNI_FLAGS))
     except OSError:
-        pass
-    return True
+        return None
+    return None
 
 
 # ----------------------------------------------------------------------------- the model
 
 def _load(source) -> tuple:
-    import onnx
-    if isinstance(source, onnx.ModelProto):
-        return source, "<ModelProto>"
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise UsageError(f"ONNX file not found: {path}")
-    try:
-        return onnx.load(path), path
-    except Exception as e:
-        raise CheckpointError(f"cannot read ONNX model {path}: {first_line(e)}") from None
+    proto = load_onnx(source)
+    return proto, ("<ModelProto>" if hasattr(source, "SerializeToString") else os.fspath(source))
 
 
 def onnx_arch(proto, override: Optional[str] = None) -> str:
@@ -274,60 +268,29 @@ def onnx_arch(proto, override: Optional[str] = None) -> str:
     arch = meta.get(META_ARCH, "")
     if not arch:
         raise UsageError("the ONNX model records no timm architecture (metadata "
-                         f"'{META_ARCH}', written by ssf-deploy fuse/export): pass --model ARCH")
+                         f"'{META_ARCH}', written by fuse/export): give its timm name, `arch` ARCH")
     return arch
 
 
 def _input_spec(proto, image_size: Optional[int]) -> tuple[str, object, tuple]:
     """(input name, batch dim (int or None), (C, H, W)) of the model's single image input."""
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise UsageError(f"expected one image input, the model has {len(inputs)}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise UsageError(f"expected an NCHW image input, got rank {len(dims)}")
-    vals = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    c, h, w = vals[1:]
+    specs = graph_inputs(proto)
+    if len(specs) != 1:
+        raise UsageError(f"expected one image input, the model has {len(specs)}")
+    spec = specs[0]
+    if len(spec.shape) != 4:
+        raise UsageError(f"expected an NCHW image input, got rank {len(spec.shape)}")
+    c, h, w = spec.shape[1:]
     if image_size:
         if h is not None and h != image_size:
-            raise UsageError(f"the model's input is {h}x{w}, not {image_size}")
+            raise UsageError(f"the model's input is {h}x{w}, not `image_size` {image_size}")
         h = w = image_size
     if c is None or h is None or w is None:
-        raise UsageError("the model's input size is dynamic: pass --image-size")
-    return inputs[0].name, vals[0], (c, h, w)
-
-
-def eval_transform(arch: str, input_size: tuple):
-    """timm's eval transform for ``arch`` at ``input_size`` (C, H, W): what training evaluated."""
-    from timm.data import create_transform, resolve_data_config
-    from timm.models import get_pretrained_cfg
-
-    from .models import family_for
-    family = family_for(arch)   # e.g. transformers: its image processor's normalisation
-    if family is not None:
-        cfg = dict(family.data_config(arch=arch), input_size=tuple(input_size))
-        return create_transform(**cfg, is_training=False), cfg
-    try:
-        pcfg = get_pretrained_cfg(arch)
-    except Exception:
-        pcfg = None
-    if pcfg is None:
-        import timm
-        if not timm.is_model(arch.split(".")[0]):
-            raise UsageError(f"unknown timm model '{arch}' (see timm.list_models())")
-        raise UsageError(f"timm has no data config for '{arch}'")
-    cfg = resolve_data_config({}, pretrained_cfg=pcfg.to_dict())
-    cfg["input_size"] = tuple(input_size)
-    return create_transform(**cfg, is_training=False), cfg
+        raise UsageError("the model's input size is dynamic: give `image_size`")
+    return spec.name, spec.shape[0], (c, h, w)
 
 
 # ----------------------------------------------------------------------------- images
-
-def _images_under(folder: str) -> list[str]:
-    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder, followlinks=True)
-                  for f in fs if f.lower().endswith(_IMAGE_EXTS))
-
 
 def _class_dirs(folder: str) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=True)
@@ -357,20 +320,21 @@ def image_sets(cfg: QuantizeConfig) -> dict:
     spec = cfg.calib
     if spec == "builtin":
         root = _builtin()
-        pool, held = _images_under(os.path.join(root, "train")), \
-            _images_under(os.path.join(root, "val"))
+        pool, held = image_files(os.path.join(root, "train")), \
+            image_files(os.path.join(root, "val"))
         calib_src, held_src = "builtin train split", "builtin val split"
     else:
         if not spec or not os.path.isdir(spec):
-            raise UsageError(f"--calib must be a folder of images or 'builtin': {spec!r} is neither")
+            raise UsageError(f"`calib` must be a folder of images or 'builtin': {spec!r} is "
+                             f"neither")
         if os.path.isdir(os.path.join(spec, "train")) and os.path.isdir(os.path.join(spec, "val")):
-            pool = _images_under(os.path.join(spec, "train"))
-            held = _images_under(os.path.join(spec, "val"))
+            pool = image_files(os.path.join(spec, "train"))
+            held = image_files(os.path.join(spec, "val"))
             calib_src, held_src = f"{spec}/train", f"{spec}/val"
         else:
-            files = _images_under(spec)
+            files = image_files(spec)
             if len(files) < 2:
-                raise UsageError(f"--calib {spec}: need at least 2 images (calibration and "
+                raise UsageError(f"`calib` {spec}: need at least 2 images (calibration and "
                                  f"held-out), found {len(files)}")
             order = np.random.RandomState([cfg.seed, 1]).permutation(len(files))
             n_cal = min(cfg.calib_images, len(files) - 1)
@@ -389,16 +353,16 @@ def image_sets(cfg: QuantizeConfig) -> dict:
             vroot, vsrc = os.path.join(_builtin(), "val"), "builtin val split"
         else:
             if not os.path.isdir(cfg.val):
-                raise UsageError(f"--val must be an ImageFolder folder or 'builtin': "
+                raise UsageError(f"`val` must be an ImageFolder folder or 'builtin': "
                                  f"{cfg.val!r} is neither")
             sub = os.path.join(cfg.val, "val")
             vroot = sub if os.path.isdir(sub) and _class_dirs(sub) else cfg.val
             vsrc = vroot
         classes = _class_dirs(vroot)
         if not classes:
-            raise UsageError(f"--val {vroot} has no class folders (expected <class>/<image>)")
+            raise UsageError(f"`val` {vroot} has no class folders (expected <class>/<image>)")
         labelled = [(f, i) for i, c in enumerate(classes)
-                    for f in _images_under(os.path.join(vroot, c))]
+                    for f in image_files(os.path.join(vroot, c))]
         if not labelled:
             raise UsageError(f"no images found under {vroot}")
         labelled = _subset(labelled, cfg.val_images, cfg.seed, 4)
@@ -406,22 +370,14 @@ def image_sets(cfg: QuantizeConfig) -> dict:
         overlap = sum(os.path.realpath(f) in real for f, _ in labelled)
         if overlap:
             raise UsageError(f"{overlap} validation image(s) are also calibration images: give "
-                             f"--val a split separate from --calib")
+                             f"`val` a split separate from `calib`")
         out.update(val=[f for f, _ in labelled], val_labels=np.array([y for _, y in labelled]),
                    val_source=vsrc, classes=classes)
     return out
 
 
 def _load_images(files: Sequence[str], transform) -> np.ndarray:
-    from PIL import Image
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                arrays.append(transform(img.convert("RGB")).numpy())
-        except OSError as e:
-            raise CheckpointError(f"cannot read image {f}: {first_line(e)}") from None
-    return np.stack(arrays).astype(np.float32)
+    return load_images(files, transform).numpy()
 
 
 def _batches(x: np.ndarray, batch, dynamic_size: int = 32) -> list[tuple[np.ndarray, int]]:
@@ -439,26 +395,12 @@ def _batches(x: np.ndarray, batch, dynamic_size: int = 32) -> list[tuple[np.ndar
 
 # ----------------------------------------------------------------------------- onnxruntime
 
-def _session(model, threads: Optional[int] = None, optimized_path: Optional[str] = None,
-             level: str = "all"):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all" \
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # no spin-waiting after a run: with several sessions timed in turn, one session's spinning
-    # threads would steal the cores the next one runs on (measured: +60 % on ViT-S/16, 2 cores)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-    data = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-    try:
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise SSFDeployError(f"onnxruntime cannot load the model: {first_line(e)}") from e
+def _session(model, threads: Optional[int] = None, level: str = "all"):
+    """A CPU session as quantize measures them: no spin-waiting after a run (with several
+    sessions timed in turn, one session's spinning threads would steal the cores the next one
+    runs on; measured: +60 % on ViT-S/16, 2 cores)."""
+    return ort_session(model, providers=["CPUExecutionProvider"], threads=threads,
+                       optimization=level, spinning=False)
 
 
 def _logits(session, x: np.ndarray, batch) -> np.ndarray:
@@ -468,25 +410,16 @@ def _logits(session, x: np.ndarray, batch) -> np.ndarray:
 
 
 def measure_latency(sessions: dict, x: np.ndarray, *, runs: int = 50, warmup: int = 5) -> dict:
-    """Median milliseconds per ``session.run`` of each session on ``x``, measured interleaved.
-
-    Every round runs each session once, in an order rotated every round, so drift in machine
-    load affects all of them alike; the median discards outlier rounds.
-    """
-    names = list(sessions)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k in names:
-            sessions[k].run(None, feeds[k])
-    times = {k: [] for k in names}
-    for r in range(runs):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t0)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v),
-                "mean_ms": 1e3 * statistics.fmean(v)} for k, v in times.items()}
+    """Median milliseconds per ``session.run`` of each session on ``x``, measured interleaved
+    (:func:`ssf_deploy.runtime.interleaved`: drift in machine load affects all alike)."""
+    runs_ = {k: (lambda s=s, feed={s.get_inputs()[0].name: x}: s.run(None, feed))
+             for k, s in sessions.items()}
+    out = {}
+    for k, t in interleaved(runs_, runs, warmup=warmup).items():
+        summary = t.summary(digits=6)
+        out[k] = {"median_ms": summary["median_ms"], "min_ms": summary["min_ms"],
+                  "mean_ms": summary["mean_ms"]}
+    return out
 
 
 CALIB_BATCH = 4     # images per calibration run (dynamic-batch models)
@@ -551,17 +484,10 @@ def runtime_graph(model, threads: Optional[int] = None) -> dict:
     Quantize/DequantizeLinear are conversions between int8 and float regions.
     """
     import onnx
-    import onnxruntime as ort
     with tempfile.TemporaryDirectory(prefix="ssf-ortopt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = path
-        if threads:
-            opts.intra_op_num_threads = threads
-        data = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        ort_session(model, providers=["CPUExecutionProvider"], threads=threads,
+                    optimization="extended", optimized_path=path)
         nodes = list(onnx.load(path).graph.node)
     ops: dict = {}
     for n in nodes:
@@ -710,7 +636,7 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
     input_name, batch_dim, chw = _input_spec(proto, cfg.image_size)
     if chw[0] != 3:
         raise UsageError(f"expected a 3-channel image input, the model takes {chw[0]} channels")
-    transform, _ = eval_transform(arch, chw)
+    transform = eval_transform(arch, chw=chw)
     _check_exclusions(proto, cfg)
     report = QuantizeReport(source=source, arch=arch, input_size=list(chw), recipe=cfg.recipe(),
                             min_agreement=cfg.min_agreement)
@@ -739,7 +665,7 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
     fp32 = _session(proto, cfg.threads)
     n_out = fp32.get_outputs()[0].shape[-1]
     if sets["classes"] and isinstance(n_out, int) and len(sets["classes"]) > n_out:
-        raise UsageError(f"--val has {len(sets['classes'])} classes but the model outputs "
+        raise UsageError(f"`val` has {len(sets['classes'])} classes but the model outputs "
                          f"{n_out} logits")
 
     with tempfile.TemporaryDirectory(prefix="ssf-quantize-") as tmp:
@@ -859,7 +785,7 @@ def quantize_onnx(model, out: Optional[str] = None, config: Optional[QuantizeCon
     seconds["total"] = round(time.perf_counter() - t_all, 3)
     if not report.passed:
         report.failure = (f"int8 top-1 agreement with fp32 {report.agreement:.2f}% is below "
-                          f"--min-agreement {cfg.min_agreement:g}%")
+                          f"`min_agreement` {cfg.min_agreement:g}%")
         raise VerificationError(report.failure, report)
     if out:
         with atomic_path(out) as tmp:

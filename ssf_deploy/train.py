@@ -33,8 +33,9 @@ from .fileio import check_writable, plain as _plain
 from .formats.checkpoint import (FORMAT, load_checkpoint, save_checkpoint, serialized_size,
                                  task_record)
 from .formats.provenance import base_record, describe_base
-from .models import (count_params, create_base_model, creation_record, family_of, logits_of,
+from .models import (count_params, create_base_model, creation_record, input_size, logits_of,
                      resolve_arch, sized_kwargs)
+from .runtime import data_config
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "default_out"]
@@ -386,7 +387,7 @@ class _Run:
 
 def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
     """Data, model (+ its base record), optimiser, schedule, loss, and the resumed state."""
-    from timm.data import Mixup, resolve_data_config
+    from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -407,8 +408,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
 
     _seed_all(cfg.seed)   # same initial weights (random head, SSF/prompt init) on every rank
     model = _build_model(arch, num_classes, model_kwargs, cfg)
-    family = family_of(model)   # transformers: its image processor's normalisation
-    if family is not None and family.input_size(model)[0] < 1:
+    if input_size(model)[0] < 1:   # a text model (transformers)
         raise SSFDeployError(f"{arch} is a text model; 'train' reads image folders: fine-tune it "
                              f"with transformers.Trainer and ssf_deploy.peft, or your own loop "
                              f"and ssf_deploy.save_task")
@@ -426,8 +426,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
     crop_scale = cfg.crop_scale or ((0.5, 1.0) if is_builtin_dir(data_dir) else None)
     loaders = make_loaders(data_dir, image_size=size, batch_size=cfg.batch_size,
                            workers=cfg.workers, seed=cfg.seed,
-                           data_config=family.data_config(model) if family is not None
-                           else resolve_data_config({}, model=model),
+                           data_config=data_config(model=model),   # or its family's
                            crop_scale=crop_scale, hflip=cfg.hflip,
                            color_jitter=cfg.color_jitter, rank=d.rank, world_size=d.world,
                            drop_last=True, pin_memory=device.type == "cuda")

@@ -263,15 +263,15 @@ def test_onnxruntime_on_cuda_needs_the_cuda_provider(monkeypatch):
             B.check_backend("onnxruntime", "cuda:0")
 
     class FellBack:   # what a CPU wheel (or broken CUDA libs) does: silently runs on the CPU
-        def __init__(self, path, providers):
+        def __init__(self, model, sess_options=None, providers=None):
             self.asked = providers
 
         def get_providers(self):
             return ["CPUExecutionProvider"]
     monkeypatch.setattr(ort, "InferenceSession", FellBack)
     with pytest.raises(UsageError, match="not CUDAExecutionProvider"):
-        ort_session("model.onnx", torch.device("cuda", 1))
-    assert ort_session("model.onnx", torch.device("cpu")).asked == ["CPUExecutionProvider"]
+        ort_session(b"model bytes", torch.device("cuda", 1))
+    assert ort_session(b"model bytes", torch.device("cpu")).asked == ["CPUExecutionProvider"]
 
 
 def _one_line_error(capsys, argv, needle):
@@ -309,3 +309,19 @@ def test_json_is_a_flag_and_takes_no_file(capsys, tmp_path):
 @pytest.mark.skipif(has_tensorrt(), reason="TensorRT is installed: the hint does not apply")
 def test_tensorrt_without_tensorrt_names_the_extra(capsys):
     _one_line_error(capsys, ["--backend", "tensorrt"], 'pip install "ssf-deploy[tensorrt]"')
+
+
+def test_cpu_peak_meter_sees_a_known_allocation():
+    """The CPU meter (VmHWM since the reset, minus the baseline) against an allocation of known
+    size: 64 MiB touched, freed before reading, must show as at least 60 MiB and well under
+    twice that (a 64 MiB block is mmap'ed by glibc whatever its thresholds, so it leaves the
+    resident set on free)."""
+    from ssf_deploy.bench.meters import MB, Peak
+    peak = Peak(torch.device("cpu"))
+    peak.reset()
+    x = torch.ones(16 * 1024 * 1024)            # 64 MiB of float32, every page written
+    del x
+    got = peak.peak() / MB
+    assert 60 <= got < 128, got
+    peak.reset()
+    assert peak.peak() / MB < 60                # the reset forgets the earlier high-water mark

@@ -102,7 +102,11 @@ def _temps(folder) -> list:
 def _must_not_run(monkeypatch, target: str):
     def work(*a, **k):
         raise AssertionError(f"{target} ran: the output should have been refused before the work")
-    monkeypatch.setattr(target, work)
+    module, _, name = target.rpartition(".")
+    if module in sys.modules:      # a module that a package attribute of the same name hides
+        monkeypatch.setattr(sys.modules[module], name, work)    # (ssf_deploy.bundle: a function)
+    else:
+        monkeypatch.setattr(target, work)
 
 
 class _LimitedFile:
@@ -338,9 +342,11 @@ def _ro_case(case, tasks, trained, ro, ok):
                                    "--resume", j(ro, "old.pt")], j(ro, "old.pt"),
                                   "ssf_deploy.train._data_dir"),
         "engine": (["engine", j(ok, "m.onnx"), "--out", j(ro, "m.plan")], j(ro, "m.plan"),
-                   "ssf_deploy.refit.load_onnx"),
+                   "ssf_deploy.engine.pipeline.load_onnx"),
         "refit": (["refit", j(ok, "m.onnx"), "--pack", j(ok, "p.safetensors"), "--out",
-                   j(ro, "r.onnx")], j(ro, "r.onnx"), "ssf_deploy.refit.load_onnx"),
+                   j(ro, "r.onnx")], j(ro, "r.onnx"), "ssf_deploy.refit.pipeline.load_onnx"),
+        "bundle": (["bundle", f, "--base-weights", b, "--out", j(ro, "t.onnx")],
+                   j(ro, "t.onnx"), "ssf_deploy.bundle.build_model"),
         "bench": (["bench", "--method", "ssf", "--model", "test_vit", "--out", j(ro, "b.json")],
                   j(ro, "b.json"), "ssf_deploy.bench.run_bench"),
         "quantize": (["quantize", j(ok, "m.onnx"), "--out", j(ro, "q.onnx")], j(ro, "q.onnx"),
@@ -352,7 +358,7 @@ def _ro_case(case, tasks, trained, ro, ok):
 
 @pytest.mark.parametrize("case", ["fuse", "fuse-pack", "export", "export-weights", "train",
                                   "train-resume", "train-resume-in-place", "engine", "refit",
-                                  "bench", "quantize", "run"])
+                                  "bundle", "bench", "quantize", "run"])
 def test_unwritable_output_is_refused_before_the_work(case, tasks, trained, tmp_path,
                                                       monkeypatch, capsys):
     ro, ok = str(tmp_path / "ro"), str(tmp_path / "ok")

@@ -6,13 +6,24 @@ pytestmark = pytest.mark.gpu
 
 
 def test_train_amp_on_cuda(tmp_path, monkeypatch):
+    """fp16 autocast training on CUDA writes a checkpoint whose task, rebuilt on the CPU in
+    fp32, reproduces the golden outputs recorded from the CUDA-trained weights: the weights
+    that left the GPU are the ones that were trained."""
+    import math
     monkeypatch.setenv("SSF_DEPLOY_CACHE", str(tmp_path / "cache"))
+    from ssf_deploy.anchor import golden_of
+    from ssf_deploy.formats import build_model, read_task
     from ssf_deploy.train import TrainConfig, train
     res = train(TrainConfig(arch="test_vit", model_kwargs={"img_size": 32, "patch_size": 8},
                             method="ssf", dataset="builtin", epochs=1, batch_size=16,
                             max_steps_per_epoch=3, device="cuda", amp=True,
                             out=str(tmp_path / "c.pt"), progress=False, verbose=False))
-    assert res.metrics["loss"] and all(l == l for l in res.metrics["loss"])   # finite, not NaN
+    assert res.metrics["loss"] and all(math.isfinite(v) for v in res.metrics["loss"])
+    model = build_model(read_task(res.checkpoint))          # CPU, fp32, base from its seed
+    golden = golden_of(model)
+    assert golden is not None
+    report = golden.check(model, "rebuilt on the CPU", atol=1e-4, rtol=1e-3)
+    assert report.passed, str(report)
 
 
 def test_bench_cuda_events_and_memory():

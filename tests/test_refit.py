@@ -8,6 +8,7 @@ ResNet (BatchNorm folded into Convs: derived).
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -23,8 +24,7 @@ from ssf_deploy.fuse import fuse
 from ssf_deploy.models import create_base_model
 from ssf_deploy.formats.pack import read_pack, save_pack
 from ssf_deploy.refit import (TaskOrtRunner, bake_initializers, check_task_matches,
-                              compute_task_weights, export_settings, load_onnx, same_graph,
-                              task_initializers)
+                              compute_task_weights, export_settings, load_onnx, same_graph)
 from ssf_deploy.tools import main
 from ssf_deploy.tuners import apply_method
 
@@ -149,12 +149,12 @@ def test_map_only_needs_no_export_unless_derived(setup):
     proto = load_onnx(s.onnx_A)
     _, fused_B = _fused_from_pack(s)
     if s.family == "vit":
-        vals = task_initializers(proto, fused_B.state_dict())
+        vals = compute_task_weights(proto, fused_B.state_dict()).values
         out = TaskOrtRunner(proto, vals)(s.x)[0]
         torch.testing.assert_close(out, s.yB, atol=1e-4, rtol=1e-3)
     else:
         with pytest.raises(SSFDeployError, match="derived"):
-            task_initializers(proto, fused_B.state_dict())
+            compute_task_weights(proto, fused_B.state_dict())
 
 
 def test_cli_refit_onnx_writes_task_onnx(resnet, capsys):
@@ -264,8 +264,8 @@ def test_swap_needs_unoptimized_session(tmp_path_factory):
     s = _setup("convnext", tmp_path_factory)   # its reshaped layer scales show it
     proto = load_onnx(s.onnx_A)
     vals = _weights_B(s).values
-    try:
-        out = OrtRunner(s.onnx_A, initializers=vals)(s.x)[0]   # default: ORT_ENABLE_ALL
+    try:   # the same overrides in a session optimized as usual (ORT_ENABLE_ALL)
+        out = OrtRunner(s.onnx_A, initializers=vals, optimization="all")(s.x)[0]
         wrong = not torch.allclose(out, s.yB, atol=1e-4, rtol=1e-3)
     except Exception:
         wrong = True
@@ -274,3 +274,24 @@ def test_swap_needs_unoptimized_session(tmp_path_factory):
     torch.testing.assert_close(TaskOrtRunner(s.onnx_A, vals)(s.x)[0], s.yB, atol=1e-4, rtol=1e-3)
     assert all(isinstance(v, np.ndarray) for v in vals.values())
     assert isinstance(proto, onnx.ModelProto)
+
+
+def test_refit_onnx_from_python(resnet, tmp_path):
+    """The library call ``ssf-deploy refit model.onnx`` runs: a pack path, its base, a report,
+    the ONNX written only when every check passed; a model works as the task too."""
+    from ssf_deploy.errors import VerificationError
+    from ssf_deploy.refit import refit_onnx
+    s = resnet
+    out = str(tmp_path / "B.onnx")
+    report = refit_onnx(s.onnx_A, s.pack_B, out, base_weights=s.base_file)
+    assert report.passed and report.written == out and report.verify.passed
+    assert report.weights.changed > 0 and report.as_dict()["pack"] == s.pack_B
+    torch.testing.assert_close(OrtRunner(out)(s.x)[0], s.yB, atol=1e-4, rtol=1e-3)
+    back = refit_onnx(out, s.A)                # task A's own model: the graph runs A again
+    assert back.passed and back.written is None and back.weights.changed > 0
+    # a task whose unfused model disagrees with what the graph computes: nothing written
+    wrong = str(tmp_path / "never.onnx")
+    with pytest.raises(VerificationError) as e:
+        refit_onnx(s.onnx_A, s.pack_B, wrong, base_weights=s.base_file, atol=0.0, rtol=0.0)
+    assert e.value.report is not None and not e.value.report.passed
+    assert not os.path.exists(wrong)

@@ -31,8 +31,17 @@ def test_main_job_end_to_end(tmp_path, capsys, monkeypatch):
     assert q["val"]["top1_fp32"] == top1["fused_onnxruntime"]
     assert 0 <= q["val"]["top1_int8"] <= 100 and 0 <= q["agreement"] <= 100
     assert q["calibration"]["source"].endswith("train") and q["latency"]["batch"] == 1
+    # many tasks, one backbone: the second task and the two-task bundle, each task scoring
+    # through the bundle what it scores alone; the gate ran every task in mixed batches
+    b = report["bundle"]
+    assert b["passed"] and [t["name"] for t in b["tasks"]] == ["textures", "shapes"]
+    assert b["gate"]["passed"] and b["gate"]["fused_checked"] == 2
+    for name, top in b["val_top1"].items():
+        assert top["bundle"] == top["own_model"], name
+    assert b["val_top1"]["textures"]["own_model"] == top1["unfused_pytorch"]
     for name in ("base.safetensors", "ssf.pt", "model.onnx", "task.safetensors",
-                 "fused.safetensors", "model.int8.onnx"):
+                 "fused.safetensors", "model.int8.onnx", "ssf-shapes.pt", "tasks.onnx",
+                 "tasks.onnx.backbone"):
         assert os.path.isfile(work / name), name
 
 

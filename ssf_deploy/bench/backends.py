@@ -14,9 +14,10 @@ import time
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from .measure import MB, Peak, _time, _warmup, rss, warmup_steps
-from .rows import BenchConfig
+from ..runtime import ort_session as _session
+from ..runtime.timing import time_calls, warm_up
+from .meters import MB, Peak, rss
+from .rows import BenchConfig, warmup_steps
 
 __all__ = ["ort_session", "infer_onnxruntime", "infer_tensorrt"]
 
@@ -30,25 +31,9 @@ def _export(model: nn.Module, x: torch.Tensor, tmp: str) -> str:
 
 
 def ort_session(path: str, device: torch.device):
-    """An onnxruntime session on ``device``; refuses one that would silently run elsewhere.
-
-    onnxruntime falls back to the CPU provider when the CUDA one cannot load (CPU wheel,
-    missing CUDA libraries): its ``get_providers()`` says what it really uses.
-    """
-    import onnxruntime as ort
-    if device.type == "cuda":
-        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
-                     "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(path, providers=providers)
-    want = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    got = sess.get_providers()
-    if not got or got[0] != want:
-        raise UsageError(f"onnxruntime runs this model on {got[0] if got else 'nothing'}, not "
-                         f"{want} ({device}): install onnxruntime-gpu with a CUDA matching "
-                         f"this driver, or use --device cpu")
-    return sess
+    """An onnxruntime session on ``device``; refuses one that would silently run elsewhere
+    (onnxruntime falls back to the CPU provider when the CUDA one cannot load)."""
+    return _session(path, device=device)
 
 
 def infer_onnxruntime(cfg: BenchConfig, model: nn.Module, x: torch.Tensor, device: torch.device,
@@ -80,11 +65,10 @@ def infer_onnxruntime(cfg: BenchConfig, model: nn.Module, x: torch.Tensor, devic
             def run():
                 sess.run(None, feed)
         runtime = f"onnxruntime {sess.get_providers()[0]}"
-        if what == "time":
-            _warmup(run, warmup_steps(cfg), torch.device("cpu"))
-            return {"infer_ms_all": _time(run, cfg.iters, torch.device("cpu")),
+        if what == "time":   # session.run returns when the outputs are ready: a host clock
+            return {"infer_ms_all": time_calls(run, cfg.iters, warmup=warmup_steps(cfg)).ms,
                     "infer_runtime": runtime}
-        _warmup(run, warmup_steps(cfg), torch.device("cpu"))
+        warm_up(run, warmup_steps(cfg))
         if cuda:   # onnxruntime's arena is not torch's: the device's own free-memory counter
             return {"infer_peak_mem_mb": max(0.0, (free0 - torch.cuda.mem_get_info(device)[0]) / MB),
                     "infer_runtime": runtime}
@@ -100,9 +84,8 @@ def infer_tensorrt(cfg: BenchConfig, model: nn.Module, x: torch.Tensor, device: 
     Builds, runs and measures on the one device given (``ssf_deploy.engine`` takes it
     explicitly); memory is that device's free-memory drop over build and run.
     """
-    from ..engine import BuildOptions, TrtRunner, build_engine
+    from ..engine import BuildOptions, EngineRunner, build_engine
     from ..export import export_proto
-    from ..refit import export_settings
     proto = export_proto(model.cpu(), example=x.detach().cpu(), batch_size=x.shape[0],
                          dynamic_batch=False, simplify=True)
     del model
@@ -112,14 +95,13 @@ def infer_tensorrt(cfg: BenchConfig, model: nn.Module, x: torch.Tensor, device: 
         torch.cuda.synchronize(device)
         free0 = torch.cuda.mem_get_info(device)[0]
         t0 = time.perf_counter()
-        plan, info, _ = build_engine(proto.SerializeToString(), BuildOptions(fp16=cfg.amp),
-                                     export_settings(proto), source="the benchmark model",
-                                     device=device)
-        runner = TrtRunner(plan, device=device)
-        lat = runner.latency(x.to(device), warmup=warmup_steps(cfg), iters=cfg.iters)
-        used = (free0 - torch.cuda.mem_get_info(device)[0]) / MB
+        built = build_engine(proto, BuildOptions(fp16=cfg.amp, device=device),
+                             source="the benchmark model")
+        with EngineRunner(built.plan, device=device) as runner:
+            lat = runner.latency(x.to(device), warmup=warmup_steps(cfg), iters=cfg.iters)
+            used = (free0 - torch.cuda.mem_get_info(device)[0]) / MB
     out = {"infer_runtime": f"tensorrt {device}",
-           "engine_build_seconds": info.get("build_seconds", time.perf_counter() - t0)}
+           "engine_build_seconds": built.info.get("build_seconds", time.perf_counter() - t0)}
     if what == "time":   # the runner reports a median (and p90) of its own CUDA-event timings
         out.update({"infer_ms_all": [lat["median_ms"]], "infer_p90_ms": lat.get("p90_ms")})
         return out

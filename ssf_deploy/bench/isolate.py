@@ -1,7 +1,7 @@
 """Each measurement in a fresh subprocess: one row's garbage never counts towards another's.
 
 Timing processes run with the allocator as users have it; memory processes get
-``MALLOC_MMAP_THRESHOLD_`` (and :func:`.measure.mmap_big_blocks`), which makes peak RSS follow
+``MALLOC_MMAP_THRESHOLD_`` (and :func:`.meters.mmap_big_blocks`), which makes peak RSS follow
 live tensors but slows training by a third or more — the two are never mixed. The child imports
 the same ``ssf_deploy`` as this process (its folder goes first on ``PYTHONPATH``), whatever is
 installed.
@@ -60,13 +60,13 @@ def type_of(name: Optional[str]) -> type:
 def worker_main(argv: list[str]) -> int:
     """``python -m ssf_deploy.bench PAYLOAD``: one task, result on stdout after a tag."""
     args = json.loads(argv[0])
-    if args["task"].endswith("memory"):
-        from .measure import mmap_big_blocks
-        mmap_big_blocks()
-    from .measure import measure_task
-    cfg = BenchConfig(**args["config"])
     try:
-        res = measure_task(cfg, args["row"], args["task"], args.get("fused_weights"))
+        if args["task"].endswith("memory"):   # before the heavy imports allocate anything
+            from .meters import mmap_big_blocks
+            mmap_big_blocks()
+        from .measure import measure_task
+        res = measure_task(BenchConfig(**args["config"]), args["row"], args["task"],
+                           args.get("fused_weights"))
     except SSFDeployError as e:
         res = {"error": str(e), "error_type": type(e).__name__}
     sys.stdout.write("\n" + RESULT_TAG + json.dumps(res) + "\n")

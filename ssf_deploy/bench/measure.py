@@ -3,12 +3,12 @@
 Time and memory are measured in separate passes (:func:`measure_task`), because what makes a
 memory number trustworthy on the CPU slows the computation down:
 
-* time: ``time.perf_counter`` per step on the CPU, ``torch.cuda.Event`` pairs on CUDA, with the
-  allocator as every user has it;
+* time: :func:`ssf_deploy.runtime.time_calls` (``time.perf_counter`` per step on the CPU,
+  ``torch.cuda.Event`` pairs on CUDA), with the allocator as every user has it;
 * memory, CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``;
 * memory, CPU: the process high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
   minus the resident size before the row's model existed, with glibc told to ``mmap`` every
-  block >= 64 KiB so a freed tensor leaves the resident set at once (:func:`mmap_big_blocks`;
+  block >= 64 KiB so a freed tensor leaves the resident set at once (:func:`.meters.mmap_big_blocks`;
   in its own subprocess, see :mod:`.isolate`). That setting costs 30-65 % in step time, which is
   why no timing is ever taken under it.
 """
@@ -17,21 +17,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import statistics
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SSFDeployError
-from .rows import BenchConfig, build_row, inputs
+from ..runtime.timing import time_calls, warm_up
+from .meters import MB, Peak, rss
+from .rows import BenchConfig, build_row, inputs, warmup_steps
 
-__all__ = ["TASKS", "MB", "count_flops", "flop_mapping", "saved_for_backward", "mmap_big_blocks",
-           "measure_train", "measure_infer", "measure_task", "Peak", "rss"]
-
-MB = 1024.0 * 1024.0
+__all__ = ["TASKS", "count_flops", "flop_mapping", "saved_for_backward", "measure_train",
+           "measure_infer", "measure_task"]
 # (what is measured, how): every row gets the ones that apply to it
 TASKS = ("train-time", "infer-time", "train-memory", "infer-memory")
 
@@ -83,70 +81,7 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-# memory
-
-
-class Peak:
-    """Peak memory of a region, in bytes, with the device's trustworthy counter.
-
-    On CPU the peak is relative to ``baseline``: the resident size before the row's model
-    existed, so weights count as they do in ``max_memory_allocated``.
-    """
-
-    def __init__(self, device: torch.device, baseline: Optional[int] = None):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.baseline = 0 if self.cuda else (rss() if baseline is None else baseline)
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            gc.collect()
-            _reset_hwm()
-
-    def peak(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return float(torch.cuda.max_memory_allocated(self.device))
-        return float(max(0, _status("VmHWM") - self.baseline))
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise SSFDeployError(f"/proc/self/status has no {key}: CPU peak memory needs Linux")
-
-
-def rss() -> int:
-    return _status("VmRSS")
-
-
-def _reset_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")   # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError as e:
-        raise SSFDeployError(f"cannot reset the peak-RSS counter ({e}); CPU peak memory "
-                             f"needs a Linux kernel with /proc/self/clear_refs") from e
-
-
-def mmap_big_blocks() -> None:
-    """Ask glibc to mmap (and unmap on free) every block >= 64 KiB, so RSS tracks live tensors.
-
-    For memory passes only: it makes every large allocation a system call and a page-fault
-    storm, so a process that has called it must never be used for timing.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD (also stops glibc raising it)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+# saved for backward
 
 
 @contextlib.contextmanager
@@ -176,41 +111,7 @@ def saved_for_backward(model: Optional[nn.Module] = None):
 
 
 # ------------------------------------------------------------------------------------------
-# timing
-
-
-def _time(fn: Callable[[], None], iters: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of ``iters`` calls (CUDA: events, one sync after the loop)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        pairs = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in pairs]
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _warmup(fn: Callable[[], None], n: int, device: torch.device) -> float:
-    """Run ``n`` warm-up calls; milliseconds of the first (with --compile: compilation)."""
-    first = 0.0
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i == 0:
-            first = (time.perf_counter() - t0) * 1e3
-    return first
+# one pass
 
 
 def _autocast(cfg: BenchConfig, device: torch.device):
@@ -218,12 +119,6 @@ def _autocast(cfg: BenchConfig, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def warmup_steps(cfg: BenchConfig) -> int:
-    """At least 1 (the optimizer state exists and the lean SSF sites have settled after it);
-    with --compile at least 3 (compilation, and a recompile once the graph is known)."""
-    return max(3 if cfg.compile else 1, cfg.warmup)
 
 
 def _train_step(cfg: BenchConfig, model: nn.Module, row: str, device: torch.device):
@@ -261,13 +156,13 @@ def measure_train(cfg: BenchConfig, model: nn.Module, row: str, device: torch.de
     the bytes one forward saves for backward."""
     step, opt, x, y = _train_step(cfg, model, row, device)
     if what == "time":
-        first = _warmup(step, warmup_steps(cfg), device)
-        out = {"train_step_ms_all": _time(step, cfg.iters, device)}
+        t = time_calls(step, cfg.iters, warmup=warmup_steps(cfg), device=device)
+        out = {"train_step_ms_all": t.ms}
         if cfg.compile:
-            out["train_first_step_ms"] = first
+            out["train_first_step_ms"] = t.first_ms
         return out
     peak = Peak(device, baseline)
-    _warmup(step, warmup_steps(cfg), device)
+    warm_up(step, warmup_steps(cfg), device)
     peak.reset()
     step()
     out = {"train_peak_mem_mb": peak.peak() / MB}
@@ -301,13 +196,13 @@ def measure_infer(cfg: BenchConfig, model: nn.Module, device: torch.device, what
         with torch.inference_mode(), _autocast(cfg, device):
             net(x)
     if what == "time":
-        first = _warmup(fwd, warmup_steps(cfg), device)
-        out = {"infer_ms_all": _time(fwd, cfg.iters, device), "infer_runtime": f"torch {device}"}
+        t = time_calls(fwd, cfg.iters, warmup=warmup_steps(cfg), device=device)
+        out = {"infer_ms_all": t.ms, "infer_runtime": f"torch {device}"}
         if cfg.compile:
-            out["infer_first_ms"] = first
+            out["infer_first_ms"] = t.first_ms
         return out
     peak = Peak(device, baseline)
-    _warmup(fwd, warmup_steps(cfg), device)
+    warm_up(fwd, warmup_steps(cfg), device)
     peak.reset()
     fwd()
     return {"infer_peak_mem_mb": peak.peak() / MB}
@@ -362,7 +257,3 @@ def measure_task(cfg: BenchConfig, row: str, task: str, fused_weights: Optional[
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
-
-
-def median(values: list[float]) -> Optional[float]:
-    return statistics.median(values) if values else None

@@ -13,8 +13,8 @@ def plot(report: dict, path: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError('--plot needs matplotlib: pip install "ssf-deploy[bench]"') from None
+    except ImportError as e:
+        raise UsageError('`plot` needs matplotlib: pip install "ssf-deploy[bench]"') from e
     res = report["results"]
     train = [r for r in res if r["train_step_ms"] is not None]
     infer = [r for r in res if r["infer_ms"] is not None and r.get("infer_same_as") is None]

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import SSFDeployError
+from ..runtime.timing import time_calls
 from .rows import BenchConfig
 
 __all__ = ["Pass", "Progress", "estimate_costs", "fmt_seconds", "LONG_RUN_S"]
@@ -49,13 +51,7 @@ def fmt_seconds(s: float) -> str:
 def _gemm_flops_per_s(n: int = 1024) -> float:
     """This CPU's rate on a large fp32 GEMM (best of 5, about 0.1 s on two cores)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+    best = min(time_calls(lambda: torch.mm(a, b), 5, warmup=2).ms) / 1e3
     return 2 * n ** 3 / max(best, 1e-9)
 
 
@@ -67,7 +63,8 @@ def _forward_flops(cfg: BenchConfig) -> Optional[float]:
         with torch.device("meta"):
             model = create_model(cfg)
             return float(count_flops(model, torch.empty(1, 3, image_size(cfg), image_size(cfg))))
-    except Exception:   # an estimate is optional: never fail a run over it
+    except (SSFDeployError, RuntimeError, TypeError, ValueError, NotImplementedError,
+            AssertionError):   # a model the meta device cannot count: no estimate, no failure
         return None
 
 

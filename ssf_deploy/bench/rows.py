@@ -12,7 +12,7 @@ from ..errors import UsageError
 
 __all__ = ["ROWS", "TRAIN_ROWS", "SAME_AS_BASE", "ALWAYS", "BACKENDS", "BenchConfig",
            "resolve_methods", "check_device", "check_backend", "create_model", "image_size",
-           "build_row", "fuse_to_file", "inputs"]
+           "build_row", "fuse_to_file", "inputs", "warmup_steps"]
 
 # Canonical order of rows; "base" is the inference reference, "full" the training reference and
 # "frozen" (every weight frozen, gradients still flow to the input) the floor of any method that
@@ -55,6 +55,12 @@ class BenchConfig:
         return dataclasses.asdict(self)
 
 
+def warmup_steps(cfg: BenchConfig) -> int:
+    """At least 1 (the optimizer state exists and the lean SSF sites have settled after it);
+    with --compile at least 3 (compilation, and a recompile once the graph is known)."""
+    return max(3 if cfg.compile else 1, cfg.warmup)
+
+
 # ------------------------------------------------------------------------------------------
 # validation
 
@@ -75,8 +81,8 @@ def resolve_methods(spec: str) -> list[str]:
 def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device '{device}'; use cpu or cuda[:N]") from None
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"unknown device '{device}'; use cpu or cuda[:N]") from e
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device '{device}'; use cpu or cuda[:N]")
     if dev.type == "cuda":
@@ -100,21 +106,21 @@ def check_backend(backend: str, device: str) -> str:
         try:
             import tensorrt  # noqa: F401
             from .. import engine  # noqa: F401
-        except ImportError:
-            raise UsageError(TRT_HINT) from None
+        except ImportError as e:
+            raise UsageError(TRT_HINT) from e
         if not cuda:
-            raise UsageError("the TensorRT backend runs on a GPU: use --device cuda")
+            raise UsageError("the TensorRT backend runs on a GPU: use `device` cuda")
     if backend == "onnxruntime":
         try:
             import onnxruntime as ort
-        except ImportError:
+        except ImportError as e:
             raise UsageError("the onnxruntime backend needs onnxruntime: "
-                             "pip install onnxruntime") from None
+                             "pip install onnxruntime") from e
         if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UsageError(f"--device {device} with --backend onnxruntime needs the CUDA "
+            raise UsageError(f"`device` {device} with `backend` onnxruntime needs the CUDA "
                              f"execution provider, and this onnxruntime offers only "
                              f"{', '.join(ort.get_available_providers())}: "
-                             f"pip install onnxruntime-gpu, or use --device cpu")
+                             f"pip install onnxruntime-gpu, or use `device` cpu")
     return backend
 
 

@@ -22,10 +22,11 @@ import torch
 
 from ..errors import SSFDeployError, UsageError
 from .isolate import run_isolated
-from .measure import measure_task, mmap_big_blocks, warmup_steps
+from .measure import measure_task
+from .meters import mmap_big_blocks
 from .noise import CpuMeter, busy_threshold, cores, loadavg, noise_warnings, others_now, spread
 from .progress import LONG_RUN_S, Pass, Progress, estimate_costs, fmt_seconds
-from .rows import SAME_AS_BASE, TRAIN_ROWS, BenchConfig, fuse_to_file, image_size
+from .rows import SAME_AS_BASE, TRAIN_ROWS, BenchConfig, fuse_to_file, image_size, warmup_steps
 from .table2 import table2
 
 __all__ = ["run_bench", "plan", "SCHEMA_KEYS"]

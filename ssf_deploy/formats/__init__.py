@@ -48,13 +48,14 @@ def _sniff(path: str) -> str:
     if head[:1] == b"\x80":
         return "torch"            # a legacy pickle
     if head[:1] == b"\x08" or path.endswith(".onnx"):
+        import onnx
+        from google.protobuf.message import DecodeError
         try:
-            import onnx
             proto = onnx.load(path, load_external_data=False)
-            if proto.graph.node:
-                return "onnx"
-        except Exception:
-            pass
+        except (DecodeError, OSError, ValueError):   # not ONNX after all: the torch reader says
+            return "torch"
+        if proto.graph.node:
+            return "onnx"
     return "torch"
 
 

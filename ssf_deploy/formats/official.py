@@ -51,6 +51,7 @@ from torch import nn
 from ..errors import CheckpointError, first_line
 from ..fileio import plain as _plain
 from ..models import create_base_model, resolve_arch
+from ..runtime.keys import KeyDiff, key_diff
 from ..tuners import apply_method, unload
 from .task import Task
 
@@ -596,19 +597,17 @@ def task_from_official(obj: dict, path: str = "<checkpoint>"):
         raise CheckpointError(f"cannot adapt the base weights of {path} to {arch}: "
                               f"{first_line(e)}") from None
 
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    unexpected = sorted(k for k in converted if k not in own)
-    if unexpected:
+    diff = key_diff(model.state_dict(), converted)
+    if diff.unexpected:
         raise CheckpointError(f"official SSF checkpoint does not match {arch}: unexpected key(s) "
-                             f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-    missing = sorted(k for k in own if k not in converted)
-    if missing:
+                             f"{KeyDiff.listing(sorted(diff.unexpected))}")
+    if diff.missing:
         raise CheckpointError(f"official SSF checkpoint does not match {arch}: missing "
-                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    for k, shape in own.items():
-        if tuple(converted[k].shape) != shape:
-            raise CheckpointError(f"official SSF checkpoint does not match {arch}: {k} has shape "
-                                 f"{tuple(converted[k].shape)}, model expects {shape}")
+                             f"{KeyDiff.listing(sorted(diff.missing))}")
+    if diff.wrong_shape:
+        k, shape, got = diff.wrong_shape[0]
+        raise CheckpointError(f"official SSF checkpoint does not match {arch}: {k} has shape "
+                             f"{got}, model expects {shape}")
 
     options, expected = _choose_options(mapped, origin, arch, model)
     for k, shape in expected.items():

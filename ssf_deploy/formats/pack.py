@@ -70,11 +70,11 @@ def save_pack(model: nn.Module, path: str, *, arch: Optional[str] = None,
 def is_pack(path: str) -> bool:
     if not os.path.isfile(path):
         return False
+    from safetensors import SafetensorError, safe_open
     try:
-        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             return (f.metadata() or {}).get("format") == PACK_FORMAT
-    except Exception:
+    except (SafetensorError, OSError, ValueError):   # unreadable: read_safetensors says why
         return False
 
 

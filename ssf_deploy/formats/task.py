@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UsageError
 from ..models import create_base_model, creation_record
+from ..runtime.keys import KeyDiff, key_diff
 from ..tuners import apply_method, check_trainable_state, load_trainable_state
 from .provenance import check_base, describe_base
 
@@ -208,10 +209,10 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
         check_trainable_state(model, task.state)
     if task.complete:
         own = model.state_dict()
-        missing = [k for k in own if k not in task.state]
+        missing = key_diff(own, task.state, shapes=False).missing
         if missing:
             raise CheckpointError(f"checkpoint does not match {arch}: missing "
-                                  f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+                                  f"{KeyDiff.listing(missing)}")
         base_check = {"status": "complete", "note": "the file holds every tensor of the model"}
         rec = creation_record(model)
         if rec is not None:   # the base of a pack written from it is this file, not a random init

@@ -27,11 +27,12 @@ import warnings
 from typing import Optional
 
 import torch
-import transformers  # noqa: F401  (the extra: a missing one fails here, where models.py says so)
+import transformers  # noqa: F401  (the extra: a missing one fails here, where families.py says so)
 from torch import nn
 
 from ..errors import BaseMismatchError, CheckpointError, UsageError, first_line
-from ..models import ModelFamily, creation_record, register_family, token_batch
+from ..families import ModelFamily, register_family
+from ..models import creation_record, token_batch
 
 __all__ = ["TransformersFamily", "PREFIX", "TEXT_LENGTH", "arch_name"]
 

@@ -8,11 +8,9 @@ from typing import Optional
 import click
 import torch
 
-from ..errors import CheckpointError, UsageError, first_line
+from ..errors import UsageError
 from ..formats import Task, build_model, read_task
 from ..models import example_input, input_size
-
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def load_task(ckpt: Optional[str], pack: Optional[str]) -> Task:
@@ -31,7 +29,7 @@ def tuned_model(task: Task, arch, num_classes, base_weights, pretrained=False,
                 allow_base_mismatch=False):
     model = build_model(task, arch=arch, num_classes=num_classes, base_weights=base_weights,
                         pretrained=pretrained, allow_base_mismatch=allow_base_mismatch)
-    from ..deploy import anchor_of
+    from ..anchor import anchor_of
     anchor = anchor_of(model)
     if str(anchor.get("base_status", "")).endswith("overridden"):
         click.echo(f"WARNING: base {anchor['base']}; outputs are NOT anchored to the trained "
@@ -77,33 +75,15 @@ def make_inputs(spec: str, model, batch_size: int, image_size: Optional[int],
     if not os.path.isdir(spec):
         raise UsageError(f"--inputs must be a number of random batches or a folder of images: "
                          f"{spec!r} is neither")
-    from PIL import Image
-    from timm.data import create_transform, resolve_data_config
-
-    from ..models import family_of
-    family = family_of(model)
-    if family is not None and input_size(model)[0] < 1:
+    if input_size(model)[0] < 1:
         raise UsageError(f"--inputs {spec}: a folder of images, but {type(model).__name__} is a "
                          f"text model (pass a number of random batches)")
-    cfg = family.data_config(model) if family is not None else resolve_data_config({}, model=model)
-    if image_size:
-        cfg["input_size"] = (3, image_size, image_size)
-    else:
-        cfg["input_size"] = input_size(model)
-    tf = create_transform(**cfg, is_training=False)
-    # followlinks: class folders are often symlinks (the main job's own data split is)
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(spec, followlinks=True) for f in fs
-                   if f.lower().endswith(_IMAGE_EXTS))
+    from ..runtime import eval_transform, image_files, load_images
+    chw = (3, image_size, image_size) if image_size else input_size(model)
+    files = image_files(spec)
     if not files:
         raise UsageError(f"no images found under {spec}")
-    tensors = []
-    for f in files[: 8 * batch_size]:
-        try:
-            with Image.open(f) as img:
-                tensors.append(tf(img.convert("RGB")))
-        except OSError as e:
-            raise CheckpointError(f"cannot read image {f}: {first_line(e)}") from None
-    x = torch.stack(tensors)
+    x = load_images(files[: 8 * batch_size], eval_transform(model=model, chw=chw))
     return list(x.split(batch_size))
 
 

@@ -80,7 +80,7 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
     try:
         kwargs = json.loads(model_kwargs) if model_kwargs else {}
     except json.JSONDecodeError as e:
-        raise UsageError(f"--model-kwargs is not JSON: {e}") from None
+        raise UsageError(f"--model-kwargs is not JSON: {e}") from e
     if not isinstance(kwargs, dict):
         raise UsageError("--model-kwargs must be a JSON object")
     arch = resolve_arch(arch)
@@ -90,8 +90,8 @@ def bench(method, prompts, adapter_dim, arch, model_kwargs, num_classes, batch_s
     if plot_path:
         try:
             import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError('--plot needs matplotlib: pip install "ssf-deploy[bench]"') from None
+        except ImportError as e:
+            raise UsageError('--plot needs matplotlib: pip install "ssf-deploy[bench]"') from e
     cfg = B.BenchConfig(arch=arch, num_classes=num_classes, batch_size=batch_size,
                         image_size=image_size, device=device, amp=cuda if amp is None else amp,
                         backend=backend, warmup=(5 if cuda else 1) if warmup is None else warmup,

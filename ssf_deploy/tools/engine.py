@@ -1,47 +1,15 @@
 """``ssf-deploy engine``: ONNX -> TensorRT engine, checked against onnxruntime, timed.
 
-Cheap checks first (arguments, the ONNX file, its Q/DQ nodes, calibration images), then
-TensorRT; nothing is written unless the engine's outputs match onnxruntime within the
-tolerances of the precision that was built. TensorRT's own log goes to stderr.
+Options are parsed here; the work is :func:`ssf_deploy.engine.build_checked_engine`. Nothing is
+written unless the engine's outputs match onnxruntime within the tolerances of the precision
+that was built. Polygraphy's and TensorRT's log go to stderr.
 """
 from __future__ import annotations
 
-import itertools
-import json
-import os
-
 import click
-import torch
 
-from ..errors import SSFDeployError, UsageError, VerificationError
+from ..errors import UsageError, VerificationError
 from ._common import emit
-
-
-def make_batches(chw, batches, n: int, seed: int = 0) -> list:
-    """``n`` seeded random batches at the profile's opt batch, plus one at min and at max."""
-    mn, op, mx = batches
-    sizes = [op] * max(1, n) + [b for b in dict.fromkeys((mn, mx)) if b != op]
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, *chw, generator=g) for b in sizes]
-
-
-def _arch(proto, why: str) -> str:
-    from ..export import read_metadata
-    arch = (read_metadata(proto).get("ssf_deploy.arch") or "").strip().strip('"')
-    if not arch:
-        raise UsageError(f"{why} needs the model's timm architecture for its eval transform, and "
-                         f"the ONNX has no 'ssf_deploy.arch' metadata (files written by "
-                         f"ssf-deploy fuse/export have it)")
-    return arch
-
-
-def _image_batch(settings, batches, folder) -> int:
-    """Batch size for images from ``folder``: the static batch, else the opt batch (or fewer)."""
-    from .. import engine as E
-    if not settings["dynamic_batch"]:
-        return int(settings["batch_size"])
-    n = len(E.image_files(folder)) if os.path.isdir(folder) else 0
-    return max(1, min(batches[1], n)) if n else batches[1]
 
 
 @click.command()
@@ -75,7 +43,7 @@ def _image_batch(settings, batches, folder) -> int:
 @click.option("--max-batch", type=int, help="Profile max batch (32).")
 @click.option("--refittable", is_flag=True,
               help="Build with BuilderFlag.REFIT so `ssf-deploy refit` can swap in other tasks "
-                   "(not for INT8/FP8 engines).")
+                   "(not for INT8/FP8 engines); every bias must be exposed to refit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
               help="Timing cache file: read if present (a cache from another GPU or TensorRT "
                    "is replaced), written after the build.")
@@ -88,132 +56,43 @@ def _image_batch(settings, batches, folder) -> int:
 @click.option("--inputs", "inputs_spec", default="2", show_default=True,
               help="N seeded random batches at the opt batch (plus one at min and max), or a "
                    "folder of images (the model's eval transform; up to 8 batches).")
+@click.option("--capacity", type=int,
+              help="A task bundle (ssf-deploy bundle): task slots in the engine; spare ones "
+                   "take tasks added later by `ssf-deploy refit ENGINE --bundle` (default: the "
+                   "bundle's own).")
 @click.option("--warmup", default=10, show_default=True, type=int)
 @click.option("--iters", default=50, show_default=True, type=int, help="Timed runs (median).")
 @click.option("--verbose", is_flag=True, help="TensorRT INFO log (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def engine(onnx_path, out, fp16, tf32, int8, calib, calib_cache, fp8, device, workspace_gb,
            min_batch, opt_batch, max_batch, refittable, timing_cache, atol, rtol, inputs_spec,
-           warmup, iters, verbose, as_json):
+           capacity, warmup, iters, verbose, as_json):
     """Build a TensorRT engine from ONNX, compare it with onnxruntime, time it."""
-    from .. import engine as E
-    from ..export import OrtRunner, graph_stats
-    from ..fileio import OutputSet, check_writable
-    from ..refit import export_settings, load_onnx
-    from ..verify import compare, run_outputs
+    from ..bundle.files import is_bundle
+    from ..engine import build_checked_engine
 
-    if not out.endswith(E.PLAN_SUFFIXES):
-        raise UsageError(f"--out must end with {'/'.join(E.PLAN_SUFFIXES)}: {out}")
-    if workspace_gb <= 0:
-        raise UsageError("--workspace-gb must be > 0")
-    n_inputs = int(inputs_spec) if str(inputs_spec).isdigit() else None
-    if (n_inputs is not None and n_inputs < 1) or iters < 1 or warmup < 0:
-        raise UsageError("--inputs and --iters must be >= 1, --warmup >= 0")
-    if n_inputs is None and not os.path.isdir(inputs_spec):
-        raise UsageError(f"--inputs must be a number of random batches or a folder of images: "
-                         f"{inputs_spec!r} is neither")
-    E.cuda_device(device)                               # spelling; existence after the import
-    check_writable(out, E.sidecar_path(out), timing_cache, calib_cache)
-    proto = load_onnx(onnx_path)
-    settings = export_settings(proto)
-    batches = E.resolve_batches(settings, min_batch, opt_batch, max_batch)
-    quant = E.qdq_info(proto)
-    E.check_qdq_supported(quant, onnx_path)
-    calibrate = bool(calib or calib_cache)
-    E.check_precision_request(fp16=fp16, tf32=tf32, int8=int8, fp8=fp8, calibrate=calibrate,
-                              qdq=quant["kind"], refittable=refittable)
-    if calib_cache and not calib and not os.path.isfile(calib_cache):
-        raise UsageError(f"--calib-cache {calib_cache} does not exist yet: give --calib DIR to "
-                         f"make it")
-    calibration = None
-    if calibrate:
-        cb = _image_batch(settings, batches, calib) if calib else batches[1]
-        images = E.CalibrationImages(calib, _arch(proto, "--calib"), settings["chw"], cb) \
-            if calib else None
-        calibration = E.Calibration(images=images, cache=calib_cache, batch_size=cb)
-    if n_inputs is None:
-        b = _image_batch(settings, batches, inputs_spec)
-        imgs = E.CalibrationImages(inputs_spec, _arch(proto, "--inputs DIR"), settings["chw"], b,
-                                   limit=8 * b)
-        inputs = list(itertools.islice(iter(imgs), 8))
-    else:
-        inputs = make_batches(settings["chw"], batches, n_inputs)
-
-    trt = E.import_tensorrt()
-    dev = E.require_cuda(device)
-    if quant["kind"] == "fp8":
-        cap = tuple(torch.cuda.get_device_capability(dev))
-        if cap < E.FP8_MIN_CAPABILITY:
-            raise SSFDeployError(f"FP8 engines need a GPU of compute capability 8.9 or newer "
-                                 f"(Ada, Hopper); {torch.cuda.get_device_name(dev)} is "
-                                 f"{cap[0]}.{cap[1]}")
-    opts = E.BuildOptions(fp16=fp16, tf32=tf32, int8=int8, fp8=fp8, calibration=calibration,
-                          workspace_gb=workspace_gb, min_batch=min_batch, opt_batch=opt_batch,
-                          max_batch=max_batch, refittable=refittable, timing_cache=timing_cache,
-                          verbose=verbose, device=dev)
-    with open(onnx_path, "rb") as f:
-        data = f.read()
-    plan, info, cache = E.build_engine(data, opts, settings, source=onnx_path, trt=trt,
-                                       qdq=quant["kind"])
-    prec = E.sidecar_precision(info)
-    stats = graph_stats(proto)
-    lines = [f"parsed {onnx_path}: {stats['nodes']} ONNX nodes"
-             + (f" ({quant['nodes']} Q/DQ)" if quant["kind"] else "")
-             + f" -> {info['layers']} TensorRT layers; batch profile min/opt/max = "
-             f"{'/'.join(map(str, batches))}",
-             f"precision: {info['precision_text']}",
-             f"built in {info['build_seconds']:.2f} s on {dev} (TensorRT {info['tensorrt']}"
-             f"{', refittable' if refittable else ''}, workspace {workspace_gb:g} GiB); engine "
-             f"{len(plan) / 1e6:.2f} MB"]
-    if info.get("timing_cache"):
-        lines.append(info["timing_cache"]["message"])
-    if info.get("calibration"):
-        c = info["calibration"]
-        lines.append(f"calibration: {c['batches']} batch(es) of {c['batch_size']} from "
-                     f"{c['folder']}" if c["batches"] else
-                     f"calibration: read from {c['cache']}")
-
-    runner = E.TrtRunner(plan, label=f"TensorRT ({prec.name})", device=dev)
-    ref_label = ("onnxruntime (CPU, the same Q/DQ graph)" if quant["kind"] else
-                 "onnxruntime (CPU, fp32)")
-    ref = OrtRunner(onnx_path, providers=["CPUExecutionProvider"], label=ref_label)
-    reference = run_outputs(ref, inputs)
-    atol, rtol, why = E.tolerances(prec, reference, atol, rtol)
-    report = compare(reference, run_outputs(runner, inputs), atol=atol, rtol=rtol,
-                     names=runner.outputs, ref_name=ref.label, cand_name=runner.label)
-    lat = runner.latency(inputs[0], warmup=warmup, iters=iters)
-    lines.append(f"tolerances: atol={atol:.3g}, rtol={rtol:.3g} ({why})")
-    lines.append(str(report))
-    lines.append(f"latency (batch {lat['batch']}, CUDA events, median of {lat['iters']} after "
-                 f"{lat['warmup']} warm-up): {lat['median_ms']:.3f} ms "
-                 f"(p90 {lat['p90_ms']:.3f} ms, {lat['images_per_s']} img/s)")
-    result = {"onnx": onnx_path, "engine": out, "precision": prec.name, "build": info,
-              "tolerances": {"atol": atol, "rtol": rtol, "why": why},
-              "verify": report.as_dict(), "latency": lat, "passed": report.passed}
-    if not report.passed:
-        emit(result, as_json, "\n".join(lines))
-        raise VerificationError(f"TensorRT ({prec.name}) output does not match onnxruntime "
-                                f"(atol={atol:.3g}, rtol={rtol:.3g}) — nothing written")
-    sidecar = E.build_sidecar(onnx_path, out, {
-        **info, "latency": lat, "tolerances": result["tolerances"],
-        "verify_max_abs": [o.max_abs for o in report.outputs],
-        "top1_agreement": [o.top1_agree for o in report.outputs]})
-    calib_out = calibration.cache_out if calibration is not None and calib_cache else None
-    # every output at once: temp files renamed only when all of them were written, then the
-    # manifest of the engine and its sidecar (the caches are shared between builds: not listed)
-    with OutputSet() as outs:
-        writes = [(out, plan, True), (E.sidecar_path(out),
-                                      json.dumps(sidecar, indent=2, default=str).encode(), True)]
-        if cache is not None:
-            writes.append((timing_cache, cache, False))
-        if calib_out:
-            writes.append((calib_cache, calib_out, False))
-        for path, blob, record in writes:
-            with open(outs.add(path, record=record), "wb") as f:
-                f.write(blob)
-    if cache is not None:
-        lines.append(f"wrote timing cache {timing_cache} ({len(cache) / 1e3:.1f} kB)")
-    if calib_out:
-        lines.append(f"wrote calibration cache {calib_cache} ({len(calib_out)} bytes)")
-    lines.append(f"wrote {out} (+ {os.path.basename(E.sidecar_path(out))})")
-    emit(result, as_json, "\n".join(lines) + "\nPASS")
+    try:
+        if is_bundle(onnx_path):     # every task, mixed batches; refittable by default
+            from ..bundle.engine import build_bundle_engine
+            if int8 or fp8 or calib or calib_cache:
+                raise UsageError("a task bundle builds as an fp32/tf32/fp16 engine")
+            report = build_bundle_engine(
+                onnx_path, out, capacity=capacity, fp16=fp16, tf32=tf32, device=device,
+                min_batch=min_batch or 1, opt_batch=opt_batch or 8, max_batch=max_batch or 32,
+                workspace_gb=workspace_gb, timing_cache=timing_cache, atol=atol, rtol=rtol,
+                warmup=warmup, iters=iters, verbose=verbose)
+            emit(report.as_dict(), as_json, str(report) + "\nPASS")
+            return
+        if capacity is not None:
+            raise UsageError("--capacity is for a task bundle (ssf-deploy bundle)")
+        report = build_checked_engine(
+            onnx_path, out, fp16=fp16, tf32=tf32, int8=int8, fp8=fp8, calib=calib,
+            calib_cache=calib_cache, device=device, workspace_gb=workspace_gb,
+            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, refittable=refittable,
+            timing_cache=timing_cache, atol=atol, rtol=rtol, inputs=inputs_spec, warmup=warmup,
+            iters=iters, verbose=verbose)
+    except VerificationError as e:
+        if e.report is not None:
+            emit(e.report.as_dict(), as_json, str(e.report))
+        raise
+    emit(report.as_dict(), as_json, str(report) + "\nPASS")

@@ -76,7 +76,7 @@ def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, allow_bas
                         progress=progress_printer(not (quiet or as_json)))
     except VerificationError as e:
         emit(e.report.as_dict(), as_json, str(e.report))
-        raise VerificationError(f"{e} — nothing written") from None
+        raise VerificationError(f"{e} — nothing written") from e
     written = "" if out or save_weights or save_pack else \
         "\nnote: no --out given, so no ONNX was written (checked in PyTorch only)"
     emit(report.as_dict(), as_json, str(report) + written + "\nPASS")

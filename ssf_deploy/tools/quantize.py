@@ -91,6 +91,6 @@ def quantize(model, calib, out, val, method, percentile, target, activation_type
     except VerificationError as e:
         if e.report is not None:
             emit(e.report.as_dict(), as_json, str(e.report))
-        raise VerificationError(f"{e} — nothing written") from None
+        raise VerificationError(f"{e} — nothing written") from e
     note = "" if out else "\nnote: no --out given, so no INT8 model was written (checked only)"
     emit(report.as_dict(), as_json, str(report) + note + "\nPASS")

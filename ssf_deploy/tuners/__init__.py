@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UsageError
 from ..fileio import plain
+from ..runtime.keys import KeyDiff, key_diff
 from . import full, linear, bias, adapter, vpt, ssf  # noqa: F401  (registration order = METHODS)
 from .base import METHODS, freeze_backbone, get_tuner, infer_method, tuners, unfreeze_head, unload
 
@@ -71,19 +72,19 @@ def check_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
         raise CheckpointError(f"checkpoint state is a {type(state).__name__}, not a dict of "
                               f"tensors")
     own = model.state_dict()
-    missing = [k for k in state if k not in own]
-    if missing:
+    unknown = key_diff(own, state, shapes=False).unexpected
+    if unknown:
         raise CheckpointError(f"checkpoint does not match the model: unknown key(s) "
-                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+                              f"{KeyDiff.listing(unknown)}")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint entry '{bad[0]}' is a {type(state[bad[0]]).__name__}, "
                               f"not a tensor")
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"checkpoint does not match the model: {k} has shape "
-                              f"{tuple(state[k].shape)}, model expects {tuple(own[k].shape)}")
+    wrong = key_diff(state, {k: own[k] for k in state}).wrong_shape
+    if wrong:
+        k, got, want = wrong[0]
+        raise CheckpointError(f"checkpoint does not match the model: {k} has shape {got}, "
+                              f"model expects {want}")
     bad = [k for k, v in state.items() if v.is_floating_point() != own[k].is_floating_point()]
     if bad:
         k = bad[0]

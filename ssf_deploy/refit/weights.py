@@ -1,10 +1,10 @@
-"""One graph, many tasks: a task's fused weights by ONNX initializer name (pure Python, CPU).
+"""A task's fused weights by ONNX initializer name (pure Python, CPU).
 
 SSF changes only weights, so every task deploys as the same graph. ``refit`` swaps a task's
 weights into an already-built artefact instead of re-exporting / rebuilding it:
 
 * TensorRT: ``Refitter.set_named_weights(name, ...)`` with the ONNX initializer names (the ONNX
-  parser names an engine's refittable weights after them), see :mod:`ssf_deploy.engine`;
+  parser names an engine's refittable weights after them), see :mod:`ssf_deploy.engine.refitter`;
 * onnxruntime: a new session on the same ONNX bytes with ``SessionOptions.add_initializer``.
 
 Where each initializer value comes from (:func:`compute_task_weights`):
@@ -24,7 +24,6 @@ weights (and then also checks that the task fits the very same graph).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -34,33 +33,19 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .errors import SSFDeployError, first_line
-from .fileio import check_manifest
-from .export import INPUT_NAME, META_INIT, OrtRunner, export_proto, read_metadata
+from ..errors import CheckpointError, SSFDeployError
+from ..export import INPUT_NAME, META_INIT, export_proto, read_metadata
+from ..runtime import OrtRunner, graph_inputs
 
 __all__ = ["META_EXPORT", "TaskWeights", "export_settings", "check_task_matches",
-           "task_initializers", "compute_task_weights", "TaskOrtRunner", "bake_initializers",
-           "load_onnx", "same_graph", "graph_weight_names"]
+           "compute_task_weights", "TaskOrtRunner", "bake_initializers", "same_graph",
+           "graph_weight_names"]
 
 # metadata key with the export recipe {"opset", "dynamic_batch", "simplify", ...}; files written
 # before it existed get the recipe inferred from the graph itself (see export_settings)
 META_EXPORT = "ssf_deploy.export"
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16)
-
-
-def load_onnx(path: str) -> onnx.ModelProto:
-    """Read an ONNX file with a one-line error for a missing, empty or corrupt file."""
-    if not os.path.isfile(path):
-        raise SSFDeployError(f"ONNX file not found: {path}")
-    check_manifest(path)
-    try:
-        proto = onnx.load(path)
-    except Exception as e:  # protobuf DecodeError, OSError, ...
-        raise SSFDeployError(f"cannot read ONNX file {path}: {first_line(e)}") from None
-    if not proto.graph.node or not proto.graph.input:
-        raise SSFDeployError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
-    return proto
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,31 +63,22 @@ def export_settings(proto: onnx.ModelProto) -> dict:
         try:
             recorded = json.loads(meta[META_EXPORT])
         except json.JSONDecodeError:
-            recorded = {}
-    inputs = [i for i in proto.graph.input
-              if i.name not in {init.name for init in proto.graph.initializer}]
-    if not inputs:
-        raise SSFDeployError("the ONNX graph has no input")
-    inp = next((i for i in inputs if i.name == INPUT_NAME), inputs[0])
-    dims = inp.type.tensor_type.shape.dim
-    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if len(shape) < 2 or any(v is None for v in shape[1:]):
-        raise SSFDeployError(f"input '{inp.name}' has shape {_fmt_shape(dims)}; expected a batch "
-                             f"(N, C, H, W) whose dimensions after the batch are fixed")
+            recorded = {}     # an unreadable recipe: inferred from the graph like an old file
+    specs = graph_inputs(proto)
+    inp = next((s for s in specs if s.name == INPUT_NAME), specs[0])
+    if len(inp.shape) < 2 or any(v is None for v in inp.shape[1:]):
+        raise SSFDeployError(f"input '{inp.name}' has shape ({', '.join(map(str, inp.dims))}); "
+                             f"expected a batch (N, C, H, W) whose dimensions after the batch are "
+                             f"fixed")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    out = {"opset": int(opset) if opset else 17, "dynamic_batch": shape[0] is None,
-           "batch_size": shape[0] or 1, "input_name": inp.name,
-           "chw": tuple(shape[1:]),   # every dimension after the batch (C, H, W for images)
+    out = {"opset": int(opset) if opset else 17, "dynamic_batch": inp.shape[0] is None,
+           "batch_size": inp.shape[0] or 1, "input_name": inp.name,
+           "chw": tuple(inp.shape[1:]),   # every dimension after the batch (C, H, W for images)
            "simplify": None}
     for k in ("opset", "dynamic_batch", "simplify"):
         if k in recorded:
             out[k] = recorded[k]
     return out
-
-
-def _fmt_shape(dims) -> str:
-    return "(" + ", ".join(d.dim_param or str(d.dim_value) if (d.dim_param or d.HasField(
-        "dim_value")) else "?" for d in dims) + ")"
 
 
 def check_task_matches(proto: onnx.ModelProto, task, source: str = "the ONNX model") -> None:
@@ -115,7 +91,7 @@ def check_task_matches(proto: onnx.ModelProto, task, source: str = "the ONNX mod
                              f"'{arch}': one engine serves the tasks of one base architecture")
     try:
         nc = int(json.loads(meta.get("ssf_deploy.num_classes", "0") or "0"))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError):   # unreadable metadata: the class count is not checked
         nc = 0
     t_nc = getattr(task, "num_classes", None)
     if nc and t_nc and int(t_nc) != nc:
@@ -252,7 +228,7 @@ def compute_task_weights(proto: onnx.ModelProto, fused_state: dict, fused_model=
         try:
             mapping = json.loads(meta[META_INIT])
         except json.JSONDecodeError as e:
-            raise SSFDeployError(f"corrupt '{META_INIT}' metadata in the ONNX file: {e}") from None
+            raise CheckpointError(f"corrupt '{META_INIT}' metadata in the ONNX file: {e}") from e
     else:
         mapping = {}
     settings = dict(settings or export_settings(proto))
@@ -280,7 +256,7 @@ def compute_task_weights(proto: onnx.ModelProto, fused_state: dict, fused_model=
         if fused_model is None:
             raise SSFDeployError(f"{len(derived)} initializer(s) are derived from several weights "
                                  f"(e.g. '{derived[0]}', BatchNorm folded into a Conv) and need "
-                                 f"the fused model to be exported: pass fused_model")
+                                 f"the fused model to be exported: give `fused_model`")
         t0 = time.perf_counter()
         out.reference, out.settings = _export_like(fused_model, proto, settings)
         out.export_seconds = time.perf_counter() - t0
@@ -310,12 +286,6 @@ def _from_map(name: str, init, entry, fused_state: dict) -> np.ndarray:
                              f"{tuple(init.dims)} in the ONNX file, the task's '{key}' is "
                              f"{tuple(value.shape)}")
     return _as_graph_array(value, init)
-
-
-def task_initializers(onnx_proto: onnx.ModelProto, fused_state: dict, fused_model=None,
-                      names: Optional[Iterable[str]] = None) -> dict:
-    """``{initializer name: ndarray}`` of a task for ``onnx_proto`` (see compute_task_weights)."""
-    return compute_task_weights(onnx_proto, fused_state, fused_model, names=names).values
 
 
 # --------------------------------------------------------------------------------------------
