@@ -70,10 +70,20 @@ class DeployReport:
                 lines.append(f"ONNX: {f['nodes']} nodes, {f['parameters']:,} parameters "
                              f"(base graph not compared)")
             else:
-                lines.append(f"ONNX: {f['nodes']} nodes (base export: {b['nodes']}"
-                             f"{', cached' if self.onnx.get('base_cached') else ''}), op histogram "
+                extra = self.onnx.get("extra_nodes", 0)
+                diff = ", ".join(f"{op} {n:+d}" for op, n in (self.onnx.get("ops_diff") or
+                                                                {}).items())
+                raw = self.onnx.get("compared") == "exporter" and f.get("exported")
+                stage = "exporter" if raw else "simplified"
+                mine = f["exported"] if raw else f
+                where = "the exporter's graph (before onnxsim, Identity nodes aside): " \
+                    if raw else ""
+                lines.append(f"ONNX: {f['nodes']} nodes; {where}{_graph(mine, stage)[0]} nodes vs "
+                             f"the base export's {_graph(b, stage)[0]}"
+                             f"{' (cached)' if self.onnx.get('base_cached') else ''}"
+                             f"{f', {extra:+d} node(s): {diff}' if diff else ''}; op histogram "
                              f"{'identical to' if self.onnx['same_graph_as_base'] else 'DIFFERENT from'}"
-                             f" the base export, {f['parameters']:,} parameters "
+                             f" the base export's; {mine['parameters']:,} parameters "
                              f"(base {b['parameters']:,})")
         lines += [f"note: {n}" for n in self.notes]
         for role, path in self.written.items():
@@ -81,6 +91,10 @@ class DeployReport:
         if self.failure:
             lines.append(f"FAIL: {self.failure}")
         return "\n".join(lines)
+
+
+def _because(r: VerifyReport) -> str:
+    return f" ({r.why()})" if r.non_finite else ""
 
 
 def _say(progress: Progress, msg: str) -> None:
@@ -125,23 +139,76 @@ def graph_stats_cached(key: dict, make: Callable[[], dict]) -> tuple[dict, bool]
     return stats, False
 
 
+def _graph(stats: dict, stage: str) -> tuple[int, dict]:
+    """(nodes, op histogram) as compared: at the exporter stage without Identity nodes."""
+    ops = dict(stats["ops"])
+    identity = ops.pop("Identity", 0) if stage == "exporter" else 0
+    return stats["nodes"] - identity, ops
+
+
+def _base_graph(model: nn.Module, fused_info: dict, example: torch.Tensor, *, opset: int,
+                dynamic_batch: bool, simplify: bool, fresh: bool, key: dict
+                ) -> tuple[dict, bool, str]:
+    """The plain base export's statistics to compare the fused graph with: ``(stats, cached,
+    stage)``, stage ``"exporter"`` (the graph the exporter wrote, before onnxsim) or
+    ``"simplified"``.
+
+    The exporter's graphs are compared first, Identity nodes aside (the exporter adds one per
+    repeated initializer, e.g. an untrained base's ones and zeros; they compute nothing and
+    onnxsim removes them all): the base export then costs one export and no onnxsim, no
+    checker (neither is an output). Only when they differ (a producer that gained a bias, a
+    graph edit) is the base simplified too, so the difference is stated as in the deployed
+    files (e.g. +1 LayerNormalization, where the exporter's graph also has the two Transposes
+    onnxsim cancels).
+    """
+    from .export import export_proto, graph_stats
+    from .fuse import base_of
+
+    def stats(stage: str) -> dict:
+        simplified = stage == "simplified"
+        return graph_stats(export_proto(base_of(model), example=example, opset=opset,
+                                        dynamic_batch=dynamic_batch, simplify=simplified,
+                                        check=simplified))
+
+    def get(stage: str) -> tuple[dict, bool]:
+        if fresh:
+            return stats(stage), False
+        return graph_stats_cached(dict(key, stage=stage), lambda: stats(stage))
+
+    exported = fused_info.get("exported")
+    if exported is not None:
+        base, cached = get("exporter")
+        if not simplify or _graph(base, "exporter") == _graph(exported, "exporter"):
+            return base, cached, "exporter"
+    base, cached = get("simplified")
+    return base, cached, "simplified"
+
+
 def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[str] = None,
            atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, opset: int = 17,
            dynamic_batch: bool = False, simplify: bool = True,
            save_weights: Optional[str] = None, save_pack: Optional[str] = None,
            pack_info: Optional[dict] = None, compare_graph: str = "cached",
            graph_key: Optional[dict] = None, strict_graph: bool = False,
-           onnx_metadata: Optional[dict] = None, progress: Progress = None) -> DeployReport:
+           onnx_metadata: Optional[dict] = None, progress: Progress = None,
+           allow_extra_nodes: bool = False) -> DeployReport:
     """Fold ``model``'s SSF, verify the result, and write the requested artefacts.
 
     ``compare_graph``: ``"always"`` exports the base graph to compare node counts, ``"cached"``
     (default) reuses earlier statistics for the same ``graph_key``, ``"never"`` skips it.
+    ``allow_extra_nodes``: deploy a model whose forward the base graph cannot compute (graph
+    edits with no fold, see :func:`~ssf_deploy.fuse.fuse_with_report`) with those nodes added,
+    reported against the base export.
     Raises :class:`VerificationError` (with ``.report``) when any check fails; nothing is written.
     """
-    from .export import OrtRunner, export_onnx, export_proto, graph_stats
-    from .tuners import unload
+    from .export import OrtRunner, export_onnx
+    from .models import edits_of
 
     check_writable(out, save_weights, save_pack)    # before the work, not after it
+    if save_pack and edits_of(model):
+        raise UsageError("a task pack rebuilds the task on the plain timm architecture, and this "
+                         "model's forward needs graph edits (" + ", ".join(edits_of(model)) +
+                         "): deploy the checkpoint itself, without --save-pack")
     model = model.eval()
     inputs = list(inputs)
     report = DeployReport(fuse=FuseReport(), anchor=anchor_of(model))
@@ -162,12 +229,14 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
         r = golden.check(candidate, name, atol=atol, rtol=rtol, per_sample=per_sample)
         report.checks.append(r)
         if not r.passed:
-            fail(f"{name} does not reproduce the outputs recorded when the task was trained")
+            fail(f"{name} does not reproduce the outputs recorded when the task was trained"
+                 f"{_because(r)}")
 
     with _stage(report, "reconstruction vs recorded", progress):
         golden_check(model, "unfused (rebuilt)")
     with _stage(report, "fuse", progress):
-        fused, report.fuse = fuse_with_report(model, batch_slice(inputs[0], 0, 2))
+        fused, report.fuse = fuse_with_report(model, batch_slice(inputs[0], 0, 2),
+                                              allow_extra_nodes=allow_extra_nodes)
     with _stage(report, "reference outputs", progress):
         reference = run_outputs(model, inputs)
 
@@ -179,8 +248,9 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
         return r
 
     with _stage(report, "verify fused", progress):
-        if not check("fused (PyTorch)", fused).passed:
-            fail("the fused PyTorch model does not match the unfused model")
+        r = check("fused (PyTorch)", fused)
+        if not r.passed:
+            fail(f"the fused PyTorch model does not match the unfused model{_because(r)}")
         golden_check(fused, "fused (PyTorch)")
 
     # every output is a temp file; all are renamed, then their manifest written, only when the
@@ -192,26 +262,31 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
             with _stage(report, "export", progress):
                 info = export_onnx(fused, tmp, example=example, opset=opset,
                                    dynamic_batch=dynamic_batch, simplify=simplify,
-                                   metadata=onnx_metadata)
+                                   metadata=onnx_metadata,
+                                   exported_stats=compare_graph != "never")
             info["path"] = out
             report.onnx = {"fused": info, "base": None, "same_graph_as_base": None}
             if compare_graph != "never":
-                def base_stats() -> dict:
-                    base = unload(copy.deepcopy(model))
-                    return graph_stats(export_proto(base, example=example, opset=opset,
-                                                    dynamic_batch=dynamic_batch,
-                                                    simplify=simplify))
                 with _stage(report, "base graph", progress):
-                    if compare_graph == "always" or not graph_key:
-                        base_info, cached = base_stats(), False
-                    else:
-                        key = dict(graph_key, opset=opset, dynamic_batch=dynamic_batch,
-                                   simplify=simplify, shape=sample_shape(example),
-                                   base=(prov.get("base_check") or {}).get("actual"))
-                        base_info, cached = graph_stats_cached(key, base_stats)
-                same = base_info["nodes"] == info["nodes"] and base_info["ops"] == info["ops"]
-                report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached)
-                if not same:
+                    base_info, cached, stage = _base_graph(
+                        model, info, example, opset=opset, dynamic_batch=dynamic_batch,
+                        simplify=simplify, fresh=compare_graph == "always" or not graph_key,
+                        key=dict(graph_key or {}, opset=opset, dynamic_batch=dynamic_batch,
+                                 simplify=simplify, shape=sample_shape(example),
+                                 base=(prov.get("base_check") or {}).get("actual")))
+                (n_mine, mine), (n_base, theirs) = (
+                    _graph(info if stage == "simplified" else info["exported"], stage),
+                    _graph(base_info, stage))
+                diff = {op: mine.get(op, 0) - theirs.get(op, 0)
+                        for op in sorted(set(mine) | set(theirs))}
+                same = (n_mine, mine) == (n_base, theirs)
+                report.onnx.update(base=base_info, same_graph_as_base=same, base_cached=cached,
+                                   compared=stage, extra_nodes=n_mine - n_base,
+                                   ops_diff={k: v for k, v in diff.items() if v})
+                if not same and report.fuse.extra_nodes:
+                    report.notes.append("the fused graph differs from the base export by the "
+                                        "node(s) the fuse report lists")
+                elif not same:
                     report.notes.append(
                         "the exporter folds equal initializers (e.g. the all-zero biases of an "
                         "untrained base) differently; compare with a trained base"
@@ -220,8 +295,9 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                 batches = inputs if dynamic_batch else [batch_slice(x, i, i + 1) for x in inputs
                                                         for i in range(batch_len(x))]
                 runner = OrtRunner(tmp)
-                if not check("fused (onnxruntime)", runner, batches).passed:
-                    fail("onnxruntime output does not match the unfused model")
+                r = check("fused (onnxruntime)", runner, batches)
+                if not r.passed:
+                    fail(f"onnxruntime output does not match the unfused model{_because(r)}")
                 if golden is not None and golden.image_size != input_extent(example):
                     report.notes.append(f"golden probe recorded at {golden.image_size} px, ONNX "
                                         f"exported at {input_extent(example)} px: not compared")

@@ -48,7 +48,8 @@ import torch
 from .errors import (DISK_FULL, NO_PERMISSION, CheckpointError, OutputError, SSFDeployError,
                      UsageError, describe_os_error, find_os_error)
 
-__all__ = ["atomic_path", "OutputSet", "check_writable", "sweep_stale", "check_manifest",
+__all__ = ["atomic_path", "scratch_path", "OutputSet", "check_writable", "sweep_stale",
+           "check_manifest",
            "manifest_path", "plain", "save_safetensors", "write_json", "sha256_of", "TMP_PREFIX",
            "MANIFEST_SUFFIX", "MANIFEST_FORMAT", "STALE_AFTER_S"]
 
@@ -579,6 +580,23 @@ def atomic_path(path: str, suffix: Optional[str] = None) -> Iterator[str]:
     """
     with OutputSet() as outs:
         yield outs.add(path, suffix)
+
+
+@contextmanager
+def scratch_path(near: str, suffix: str = "") -> Iterator[str]:
+    """A temp file next to ``near`` for an intermediate result, removed at the end whatever
+    happens. Named like every temp file, so a killed writer's is swept; next to the output, so a
+    file too large to copy through memory goes where the output will (its disk, its checks)."""
+    full = os.path.abspath(os.fspath(near))
+    tmp = _make_temp(os.path.dirname(full), full, suffix)
+    try:
+        yield tmp
+    finally:
+        for p in (tmp, tmp + ".data"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def check_manifest(path: str) -> None:

@@ -12,6 +12,14 @@ pass prefers, in this order, whatever keeps the deployed graph identical to the 
 3. fold back and give the producer the bias/affine it lacks — reported, since the base graph then
    gains a node.
 
+A model rebuilt with *graph edits* (``ssf_deploy.models``: what a checkpoint's own forward
+computes beyond the timm architecture) is handled first. An edit that says how it folds (a
+per-channel affine at the end of a residual stream: the official SSF ConvNeXt's last factor) is
+folded exactly in float64 into the stream's SSF factors, which then fold like any other; where
+that is not exact in float32 for some channel, only the part that cannot fold stays, as the
+fewest extra nodes, reported (like 3.). An edit with no fold at all (norm_pre applied twice) is
+kept only with ``allow_extra_nodes=True``, reported as +N nodes; otherwise it is refused.
+
 A module called several times (timm's CoaT shares one ConvPosEnc between serial blocks) runs its
 SSF hook on every call: when every call of the shared weights carries the same factors they fold
 into them once; calls that would need different folds are refused with the module named.
@@ -31,12 +39,16 @@ from torch import nn
 
 from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
-from .models import (CREATE_RECORD, call_args, creation_record, example_input, family_of,
-                     inputs_to)
+from .models import (CREATE_RECORD, apply_edits, call_args, creation_record, describe_edit,
+                     edits_of, example_input, family_of, inputs_to, plain_architecture,
+                     plain_state)
 from .runtime.keys import key_diff
 from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "fuse_with_report", "fuse_many", "fold_ssf", "FuseReport", "Fold"]
+__all__ = ["fuse", "fuse_with_report", "fuse_many", "fold_ssf", "FuseReport", "Fold", "FP16_MAX",
+           "base_of"]
+
+FP16_MAX = 65504.0   # the largest finite float16
 
 aten = torch.ops.aten
 _SSF = torch.ops.ssf_deploy.scale_shift.default
@@ -74,36 +86,59 @@ class FuseReport:
     folds: list = field(default_factory=list)
     added: list = field(default_factory=list)      # (param name, reason)
     keys_match_base: bool = True
+    extra_nodes: list = field(default_factory=list)   # (module path, what the graph gains)
+    edits_folded: list = field(default_factory=list)  # graph edits folded away exactly
+    largest: Optional[tuple] = None   # (tensor, |value|): the largest value the fold wrote
 
     def as_dict(self) -> dict:
+        largest = None
+        if self.largest is not None:
+            name, value = self.largest
+            largest = {"tensor": name, "abs": value, "fp16_max": FP16_MAX,
+                       "beyond_fp16": not value <= FP16_MAX}
+        changed = self.added or self.extra_nodes
         return {"folded": len(self.folds),
                 "by_kind": {k: sum(f.how == k for f in self.folds)
                             for k in ("producer", "consumer", "producer+new")},
                 "added_parameters": [{"name": n, "reason": r} for n, r in self.added],
+                "extra_nodes": [{"where": w, "what": t} for w, t in self.extra_nodes],
+                "edits_folded": list(self.edits_folded),
+                "largest_folded_value": largest,
                 "keys_match_base": self.keys_match_base,
-                "graph_changes": "none" if not self.added else
-                "the base graph gains the ops that apply the added parameters"}
+                "graph_changes": "none" if not changed else
+                "the base graph gains the ops that apply the added parameters / modules"}
 
     def __str__(self) -> str:
         d = self.as_dict()
         kinds = ", ".join(f"{v} {k}" for k, v in d["by_kind"].items() if v)
         lines = [f"fused {d['folded']} SSF site(s) ({kinds or 'none'})"]
-        if self.added:
+        lines += [f"folded: {n}" for n in self.edits_folded]
+        if self.added or self.extra_nodes:
             lines.append("WARNING: the fused model is NOT the unchanged base graph; it gains:")
             lines += [f"  + {n}: {r}" for n, r in self.added]
+            lines += [f"  + {t}" for _, t in self.extra_nodes]
         else:
             lines.append("fused model = unchanged base architecture (same keys and shapes)")
+        if self.largest is not None:
+            name, value = self.largest
+            fits = f"fits fp16 (max {FP16_MAX:g})" if value <= FP16_MAX else \
+                f"BEYOND fp16's {FP16_MAX:g}: an fp16 engine cannot hold it"
+            lines.append(f"largest value the fold wrote: {value:.3g} in {name}; {fits}")
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module, example: Optional[torch.Tensor] = None) -> nn.Module:
+def fuse(model: nn.Module, example: Optional[torch.Tensor] = None, *,
+         allow_extra_nodes: bool = False) -> nn.Module:
     """Return the base architecture holding the folded weights; ``model`` is left untouched."""
-    return fuse_with_report(model, example)[0]
+    return fuse_with_report(model, example, allow_extra_nodes=allow_extra_nodes)[0]
 
 
-def fuse_with_report(model: nn.Module, example: Optional[torch.Tensor] = None
-                     ) -> tuple[nn.Module, "FuseReport"]:
-    """:func:`fuse`, and what it did: which sites folded where, parameters the base gained."""
+def fuse_with_report(model: nn.Module, example: Optional[torch.Tensor] = None, *,
+                     allow_extra_nodes: bool = False) -> tuple[nn.Module, "FuseReport"]:
+    """:func:`fuse`, and what it did: which sites folded where, parameters the base gained.
+
+    ``allow_extra_nodes``: deploy a model whose graph edits cannot fold (see the module
+    docstring) as the base graph plus those nodes, reported, instead of refusing it."""
     meta = method_of(model)
     method = meta["method"] if meta else None
     if method is not None and not get_tuner(method).fusable:
@@ -114,12 +149,27 @@ def fuse_with_report(model: nn.Module, example: Optional[torch.Tensor] = None
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in state.items()}
+    kept = _fold_edits(model, state, report, allow_extra_nodes)
     if method == "ssf" or any(k.endswith(_SSF_KEYS) for k in state):
-        state = _fold(model, state, example, report)
+        state = _fold(model, state, example, report, dtypes)
     state = {k: v for k, v in state.items() if not k.endswith(_SSF_KEYS)}
-    base = _build_base(model, state, report).to(device)
+    base = _build_base(model, state, report, kept).to(device)
     base.eval()
     return base, report
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The plain base architecture holding ``model``'s own (unfused) base tensors: what the
+    deployed graph is compared with. Built like the fused model (no copy of the weights: the
+    tensors are shared), so it costs no more than a view of ``model``."""
+    if creation_record(model) is None:
+        return plain_architecture(unload(copy.deepcopy(model)))
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith(_SSF_KEYS)}
+    state = plain_state(state, edits_of(model))
+    ref = next(model.parameters(), None)
+    return _build_base(model, state, FuseReport(), {}).to(
+        ref.device if ref is not None else "cpu").eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,11 +309,11 @@ def _bn_in(w, b, mean, var, eps, gamma, beta):
 
 
 class _Folder:
-    def __init__(self, state, ep, report):
+    def __init__(self, state, ep, report, dtypes: dict):
         self.state, self.report = dict(state), report
         self.g = _Graph(ep)
         self.work: dict[str, torch.Tensor] = {}
-        self.dtypes = {k: v.dtype for k, v in state.items()}
+        self.dtypes = dict(dtypes)   # what each tensor is stored as (edits may hand float64)
         # tied tensors (one Parameter under several names): the trace names one, all must follow
         groups: dict = {}
         for k, v in state.items():
@@ -395,10 +445,16 @@ class _Folder:
 
     def finish(self) -> dict:
         out = dict(self.state)
+        largest = None
         for k, v in self.work.items():
             v = v.to(self.dtypes.get(k, torch.float32))
             for name in self.aliases.get(k, [k]):
                 out[name] = v
+            if v.numel() and v.is_floating_point() and not k.endswith(_SSF_KEYS):
+                m = float(v.abs().max())
+                if largest is None or not m <= largest[1]:
+                    largest = (k, m)
+        self.report.largest = largest
         return out
 
 
@@ -470,26 +526,30 @@ def fuse_many(model: nn.Module, states, example: Optional[torch.Tensor] = None):
     for each full state dict in ``states`` (``model``'s keys, another task's values).
 
     What each fold does depends only on the graph and on the values it reads, so the trace is
-    shared; a bundle's exactness gate fuses every task this way.
+    shared; a bundle's exactness gate fuses every task this way. Graph edits (official ConvNeXt)
+    are not taken: a task pack cannot hold them.
     """
     meta = method_of(model)
     if meta is None or meta["method"] != "ssf":
         raise FuseError("fuse_many folds SSF tasks: the model must carry method 'ssf'")
+    if edits_of(model):
+        raise FuseError("fuse_many folds plain SSF tasks: this model carries graph edits")
     ep = _trace(model, example)
     for st in states:
         report = FuseReport()
         state = {k: v.detach().cpu() for k, v in st.items()}
-        state = {k: v for k, v in _fold_traced(ep, state, report).items()
+        dtypes = {k: v.dtype for k, v in state.items()}
+        state = {k: v for k, v in _fold_traced(ep, state, report, dtypes).items()
                  if not k.endswith(_SSF_KEYS)}
-        yield _build_base(model, state, report).eval(), report
+        yield _build_base(model, state, report, {}).eval(), report
 
 
-def _fold(model, state, example, report: FuseReport) -> dict:
-    return _fold_traced(_trace(model, example), state, report)
+def _fold(model, state, example, report: FuseReport, dtypes: dict) -> dict:
+    return _fold_traced(_trace(model, example), state, report, dtypes)
 
 
-def _fold_traced(ep, state, report: FuseReport) -> dict:
-    folder = _Folder(state, ep, report)
+def _fold_traced(ep, state, report: FuseReport, dtypes: dict) -> dict:
+    folder = _Folder(state, ep, report, dtypes)
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is _SSF]
     producers = {node: _walk_back(node.args[0], node.args[3])[0] for node in nodes}
     ssf_of = {prod: node for node, prod in producers.items() if prod is not None}
@@ -533,28 +593,154 @@ def fold_ssf(model: nn.Module, example=None) -> tuple[dict, FuseReport]:
     """
     report = FuseReport()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    folded = _fold(model, state, example, report)
+    folded = _fold(model, state, example, report, {k: v.dtype for k, v in state.items()})
     return {k: v for k, v in folded.items() if v is not state.get(k)}, report
 
 
-def _build_base(model: nn.Module, state: dict, report: FuseReport) -> nn.Module:
+# --------------------------------------------------------------------------------------------
+# graph edits: fold them away when exact, else keep the fewest nodes (reported) or refuse
+
+
+def _fold_edits(model: nn.Module, state: dict, report: FuseReport,
+                allow_extra_nodes: bool) -> dict:
+    """Fold or keep each graph edit of ``model`` (``state`` is changed in place); returns the
+    edits the fused base keeps."""
+    kept = {}
+    for path, spec in sorted(edits_of(model).items()):
+        fold = spec.get("fold") or {}
+        if fold.get("kind") == "residual-stream":
+            rest, note = _fold_residual_stream(path, spec, fold, state, model)
+            report.edits_folded += [note] if rest is None else []
+            if rest is not None:   # exact only in part: the fewest nodes, as producer+new does
+                kept[path] = rest
+                report.extra_nodes.append((path, f"{describe_edit(path, rest)} ({note})"))
+            continue
+        if not allow_extra_nodes:
+            raise FuseError(f"cannot deploy as the base graph: {describe_edit(path, spec)}; no "
+                            f"fold removes it. Pass --allow-extra-nodes (allow_extra_nodes=True) "
+                            f"for an exact deployable with that extra node, reported as such")
+        kept[path] = spec
+        report.extra_nodes.append((path, f"{describe_edit(path, spec)} (--allow-extra-nodes)"))
+    return kept
+
+
+def _normal_f32(v: torch.Tensor) -> bool:
+    """Every value stays a finite, normal float32 (or an exact zero): relative rounding only."""
+    v32 = v.to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    return bool(torch.isfinite(v32).all()) and not bool(((v != 0) & (v32.abs() < tiny)).any())
+
+
+def _fold_residual_stream(path: str, spec: dict, fold: dict, state: dict, model: nn.Module
+                          ) -> tuple[Optional[dict], str]:
+    """Fold ``y = s * x_n + t`` at the end of a residual stream into the stream's SSF factors.
+
+    The stream ``x_0 = entry(u)``, ``x_j = x_{j-1} + g_j * m_j`` (``m_j`` ends with the writer's
+    SSF; the branch starts with the reader, a depthwise conv with bias c, the only other reader
+    of the stream) then carries ``s * x_j``; nothing constant enters it before the end, so the
+    readers' zero padding stays exact:
+
+    * entry SSF (a, b) -> (s a, s b), so ``x'_0 = s x_0``;
+    * reader: ``r(s x) = s r(x) + (1 - s) c``, so its SSF (a, b) -> (a / s, b - a (1-s) c / s);
+    * writer: ``s (g m) = g (s m)``: (a, b) -> (s a, s b), and the last one's shift + t / g.
+
+    Computed in float64 and folded into the weights with them (the reader's bias becomes
+    ``a c + b`` again: no cancellation at run time). Exact in float32 when every new factor is a
+    finite normal float32: the stream's values are scaled, the branches see what they saw, and
+    ``t / g`` is added to a bias that ``g`` multiplies again (``|t| * eps`` after the product,
+    however small ``g``). Returns ``(None, note)`` when folded, else ``(the edit that stays,
+    why)``: the whole affine where some ``s`` is 0 (the stream would carry 0), only the shift
+    where some ``g`` is 0 but ``t`` is not there.
+    """
+    w_key, b_key = f"{path}.weight", f"{path}.bias"
+    root = fold["container"]
+    try:
+        container = model.get_submodule(root)
+        blocks = list(container.get_submodule(fold["blocks"]))
+        c = int(blocks[0].get_submodule(fold["reader"]).out_channels)
+    except (AttributeError, TypeError, IndexError):
+        return spec, f"{root} has no residual stream of {fold['blocks']} to fold it through"
+    s = _f64(state.get(w_key)) if w_key in state else torch.ones(c, dtype=torch.float64)
+    t = _f64(state.get(b_key)) if b_key in state else torch.zeros(c, dtype=torch.float64)
+    sites = [f"{root}.{fold['entry']}"]
+    for j, blk in enumerate(blocks):
+        prefix = f"{root}.{fold['blocks']}.{j}"
+        reader = blk.get_submodule(fold["reader"])
+        if not (isinstance(reader, nn.Conv2d) and reader.groups == reader.in_channels ==
+                reader.out_channels == c) or \
+                not isinstance(getattr(blk, "shortcut", nn.Identity()), nn.Identity):
+            return spec, f"{prefix} is not a depthwise-conv block with an identity shortcut"
+        sites += [f"{prefix}.{fold['reader']}", f"{prefix}.{fold['writer']}"]
+    lacking = [x for x in sites if f"{x}.ssf_scale" not in state or f"{x}.ssf_shift" not in state]
+    if lacking:
+        return spec, f"no SSF factors at {lacking[0]} to fold it into"
+    zero = (s == 0).nonzero().flatten()
+    if len(zero):
+        return spec, (f"scale 0 at channel {int(zero[0])}: the stream cannot carry it, so the "
+                      f"affine stays")
+    last = f"{root}.{fold['blocks']}.{len(blocks) - 1}.{fold['layer_scale']}"
+    g = _f64(state[last]) if last in state else torch.ones(c, dtype=torch.float64)
+    stuck = ((g == 0) & (t != 0)).nonzero().flatten()
+    fold_t = not len(stuck)
+    new = {}
+
+    def factors(site):
+        return _f64(state[f"{site}.ssf_scale"]), _f64(state[f"{site}.ssf_shift"])
+    a, b = factors(sites[0])
+    new[sites[0]] = (s * a, s * b)
+    for j in range(len(blocks)):
+        prefix = f"{root}.{fold['blocks']}.{j}"
+        reader, writer = f"{prefix}.{fold['reader']}", f"{prefix}.{fold['writer']}"
+        bias = _f64(state.get(f"{reader}.bias"))
+        bias = bias if bias is not None else torch.zeros(c, dtype=torch.float64)
+        a, b = factors(reader)
+        new[reader] = (a / s, b - a * (1 - s) * bias / s)
+        a, b = factors(writer)
+        shift = s * b
+        if j == len(blocks) - 1 and fold_t:
+            shift = shift + torch.where(t != 0, t / torch.where(g != 0, g, 1.0), 0.0)
+        new[writer] = (s * a, shift)
+    bad = next((site for site, pair in new.items() if not all(_normal_f32(v) for v in pair)), None)
+    if bad is not None:
+        return spec, (f"folding it would put values beyond float32's normal range into {bad}'s "
+                      f"factors, so the affine stays")
+    for site, (a, b) in new.items():
+        state[f"{site}.ssf_scale"], state[f"{site}.ssf_shift"] = a, b
+    state.pop(w_key, None)
+    if fold_t:
+        state.pop(b_key, None)
+        return None, (f"the per-channel affine at {path} ({spec.get('why') or 'a graph edit'}) "
+                      f"into {root}'s residual stream, exactly: no extra node")
+    ch = int(stuck[0])
+    rest = dict(spec, kind="shift")
+    rest.pop("fold", None)
+    return rest, (f"its scale folded into {root}'s residual stream; its shift cannot enter the "
+                  f"stream through {last}, which is 0 at channel {ch}")
+
+
+def _build_base(model: nn.Module, state: dict, report: FuseReport, kept: dict) -> nn.Module:
     rec = creation_record(model)
     family = family_of(model)   # another model family (transformers) rebuilds its own class
-    if family is not None:
-        base = family.rebuild(model, rec, meta=True)
+    if family is not None or rec is not None:
+        if family is not None:
+            base = family.rebuild(model, rec, meta=True)
+        else:
+            import timm
+            with torch.device("meta"):
+                base = timm.create_model(rec["arch"], num_classes=rec["num_classes"],
+                                         **rec["kwargs"])
+        apply_edits(base, kept)   # on the meta device, like the base
         if rec is not None:
-            base.__dict__[CREATE_RECORD] = dict(rec)
-    elif rec is not None:
-        import timm
-        with torch.device("meta"):
-            base = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
-        base.__dict__[CREATE_RECORD] = dict(rec)
+            rec = {k: v for k, v in rec.items() if k != "edits"}
+            if kept:
+                rec["edits"] = copy.deepcopy(kept)
+            base.__dict__[CREATE_RECORD] = rec
     else:
         base = copy.deepcopy(model)
         unload(base)
     base_keys = set(base.state_dict())
     added = {name for name, _ in report.added}
-    report.keys_match_base = not added and base_keys == set(state)
+    report.keys_match_base = not added and not kept and base_keys == set(state)
     for name in sorted(added):
         mod_name, _, attr = name.rpartition(".")
         mod = base.get_submodule(mod_name) if mod_name else base
@@ -624,6 +810,7 @@ def _materialise(base: nn.Module, source: nn.Module, rec: dict) -> None:
                 import timm
                 real = timm.create_model(rec["arch"], num_classes=rec["num_classes"],
                                          **rec["kwargs"])
+            apply_edits(real, (rec or {}).get("edits"))
             owner = real.get_submodule(mod_name) if mod_name else real
             value = owner._buffers.get(attr) if is_buffer else vars(owner).get(attr)
         if not isinstance(value, torch.Tensor) or value.is_meta:

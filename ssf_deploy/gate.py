@@ -52,7 +52,8 @@ class DeploymentCheck:
 
     @property
     def failed(self) -> list:
-        return [f"{r.candidate} vs {r.reference}" for r in self.reports if not r.passed]
+        return [f"{r.candidate} vs {r.reference}" + (f" ({r.why()})" if r.non_finite else "")
+                for r in self.reports if not r.passed]
 
     def as_dict(self) -> dict:
         return {"passed": self.passed, "anchor": self.anchor,
@@ -79,14 +80,16 @@ def _onnx_candidate(path: str, inputs: list) -> tuple:
 
 def check_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], *,
                      onnx: Optional[str] = None, atol: float = DEFAULT_ATOL,
-                     rtol: float = DEFAULT_RTOL, fp16: bool = False) -> DeploymentCheck:
+                     rtol: float = DEFAULT_RTOL, fp16: bool = False,
+                     allow_extra_nodes: bool = False) -> DeploymentCheck:
     """Fuse ``model`` (a tuned model, ideally from :func:`~ssf_deploy.formats.build_model`) and
     check the fused model, and ``onnx`` when given, against the unfused model and the recorded
-    golden outputs. Returns the report; raises :class:`VerificationError` (with ``.report``)
+    golden outputs. ``allow_extra_nodes``: as for :func:`~ssf_deploy.fuse.fuse` (a forward the
+    base graph cannot compute deploys with those nodes added). Returns the report; raises :class:`VerificationError` (with ``.report``)
     when any comparison fails."""
     inputs = list(inputs)
     golden = golden_of(model)
-    fused = fuse(model, batch_slice(inputs[0], 0, 2))
+    fused = fuse(model, batch_slice(inputs[0], 0, 2), allow_extra_nodes=allow_extra_nodes)
     candidates = [("fused (PyTorch)", HalfModel(fused) if fp16 else fused, False, inputs)]
     if onnx:
         runner, static, onnx_inputs = _onnx_candidate(onnx, inputs)

@@ -1,6 +1,7 @@
 """Creating base models: timm names (old and new), hub weights or an offline weights file."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional
 
@@ -18,7 +19,30 @@ __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_r
            "input_size", "head_modules", "count_params", "example_input", "sized_kwargs",
            "ModelFamily", "register_family", "family_of", "family_for", "call_args", "call_model",
            "batch_len", "batch_slice", "inputs_to", "input_extent", "sample_shape", "logits_of",
-           "token_batch"]
+           "token_batch", "check_finite", "ChannelAffine", "apply_edits", "plain_architecture",
+           "edit_state", "plain_state", "edits_of", "describe_edit", "EDIT_KINDS"]
+
+
+def check_finite(tensors, where: str, names: Optional[dict] = None) -> None:
+    """Refuse, in one line, the first floating-point tensor holding a NaN or an Inf.
+
+    Loaded values are bad input when they are not finite numbers: a NaN in one factor would
+    otherwise fold into every weight it touches and surface only as a failed comparison after
+    the work. ``tensors``: a dict or (name, tensor) pairs; ``names`` maps a name to how the
+    file spells it (an official checkpoint's own key)."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    for name, t in items:
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        if bool(torch.isfinite(t).all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        inf = int(torch.isinf(t).sum())
+        what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+        spelled = (names or {}).get(name)
+        label = f"'{name}'" + (f" ({spelled})" if spelled and spelled != name else "")
+        raise CheckpointError(f"{where}: tensor {label} holds {what} of {t.numel()} value(s); "
+                              f"refusing non-finite numbers")
 
 
 def resolve_arch(arch: str) -> str:
@@ -42,13 +66,14 @@ def resolve_arch(arch: str) -> str:
 
 def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
                       pretrained_file: Optional[str] = None, init_seed: Optional[int] = None,
-                      **kwargs) -> nn.Module:
+                      edits: Optional[dict] = None, **kwargs) -> nn.Module:
     """``timm.create_model`` with our error messages; ``pretrained_file`` works offline.
 
     A local weights file is loaded strictly (:func:`load_base_weights`): weights of another
     architecture, or a partial set, are refused in one line instead of timm's warning and a
     silently random base. ``init_seed`` draws the random init from ``torch.manual_seed(seed)``,
-    which is how a base trained from scratch is rebuilt bit for bit.
+    which is how a base trained from scratch is rebuilt bit for bit. ``edits``: graph edits
+    (:func:`apply_edits`), applied after the weights are loaded and kept in the record.
     """
     arch = resolve_arch(arch)
     if num_classes is None or int(num_classes) < 1:
@@ -77,8 +102,10 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
         load_base_weights(model, pretrained_file, arch=arch)
         source = f"file:{os.path.basename(pretrained_file)}"
     elif pretrained and fam is not None:
+        check_finite(model.state_dict(), f"the {fam.name} weights of {arch}")
         source = fam.source(arch)
     elif pretrained:
+        check_finite(model.state_dict(), f"the timm hub weights of {arch}")
         cfg = getattr(model, "pretrained_cfg", None) or {}
         source = "timm-hub:" + (cfg.get("hf_hub_id") or f"{arch}.{cfg.get('tag') or ''}".rstrip("."))
     else:
@@ -87,7 +114,130 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
     model.__dict__[CREATE_RECORD] = {
         "arch": arch, "num_classes": int(num_classes), "kwargs": dict(kwargs),
         "source": source, "init_seed": None if init_seed is None else int(init_seed)}
+    if edits:
+        apply_edits(model, edits)
+        model.__dict__[CREATE_RECORD]["edits"] = copy.deepcopy(dict(edits))
     return model
+
+
+# ------------------------------------------------------------------------------- graph edits
+#
+# A checkpoint's own forward can compute what no timm architecture does (the official SSF code
+# scales the output of ConvNeXt's last stage, where timm has no module, and its head-norm-first
+# ConvNeXt applies norm_pre twice). Such a model is rebuilt as the timm architecture plus a
+# recorded *edit* at one module path, so the unfused model computes exactly what was trained and
+# every report can say how the deployed graph differs from the base. ``edits`` is
+# ``{module path: {"kind": ..., "why": ..., ...}}`` (plain JSON, kept in the creation record):
+#
+# * ``twice``: the module applied twice, the second copy with its own weights (``path.0``,
+#   ``path.1``): +1 node of its kind;
+# * ``affine`` / ``shift``: an ``nn.Identity`` replaced by a per-channel ``weight * x + bias``
+#   (or ``x + bias``) on axis 1 (``path.weight``, ``path.bias``): +2 / +1 nodes. An optional
+#   ``fold`` entry tells the fuse pass how to fold it away exactly (see ``ssf_deploy.fuse``).
+
+EDIT_KINDS = ("twice", "affine", "shift")
+
+
+class ChannelAffine(nn.Module):
+    """``weight * x + bias`` per channel (axis 1): a per-channel affine the base lacks."""
+
+    def __init__(self, channels: int, scale: bool = True, shift: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if shift else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            x = x * self.weight.view(shape)
+        if self.bias is not None:
+            x = x + self.bias.view(shape)
+        return x
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def apply_edits(model: nn.Module, edits: Optional[dict]) -> nn.Module:
+    """Apply recorded graph edits in place (new modules on the model's device)."""
+    for path, spec in sorted((edits or {}).items()):
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        try:
+            old = model.get_submodule(path)
+        except AttributeError:
+            raise UsageError(f"graph edit at '{path}': {type(model).__name__} has no such "
+                             f"module") from None
+        if kind == "twice":
+            new = nn.Sequential(old, copy.deepcopy(old))
+        elif kind in ("affine", "shift"):
+            if not isinstance(old, nn.Identity):
+                raise UsageError(f"graph edit '{kind}' at '{path}' replaces an nn.Identity, "
+                                 f"not a {type(old).__name__}")
+            ref = next(model.parameters(), None)
+            new = ChannelAffine(int(spec["channels"]), scale=kind == "affine")
+            if ref is not None:
+                new = new.to(ref.device) if not ref.is_meta else new.to("meta")
+        else:
+            raise UsageError(f"unknown graph edit {kind!r} at '{path}' (known: "
+                             f"{', '.join(EDIT_KINDS)})")
+        _replace(model, path, new)
+    return model
+
+
+def plain_architecture(model: nn.Module) -> nn.Module:
+    """Undo the edits recorded for ``model``, in place: the timm architecture it was built from
+    (the base export every deployed graph is compared with)."""
+    for path, spec in sorted(edits_of(model).items()):
+        mod = model.get_submodule(path)
+        _replace(model, path, mod[0] if spec["kind"] == "twice" else nn.Identity())
+    return model
+
+
+def edit_state(state: dict, edits: Optional[dict]) -> dict:
+    """A state dict of the plain architecture -> the edited one (``twice``: both copies start
+    from the one module's tensors; ``affine``/``shift``: identity values)."""
+    out = dict(state)
+    for path, spec in sorted((edits or {}).items()):
+        if spec["kind"] == "twice":
+            for k in [k for k in out if k.startswith(path + ".")]:
+                v = out.pop(k)
+                rest = k[len(path) + 1:]
+                out[f"{path}.0.{rest}"] = v
+                out[f"{path}.1.{rest}"] = v.clone()
+        else:
+            c = int(spec["channels"])
+            if spec["kind"] == "affine":
+                out[f"{path}.weight"] = torch.ones(c)
+            out[f"{path}.bias"] = torch.zeros(c)
+    return out
+
+
+def plain_state(state: dict, edits: Optional[dict]) -> dict:
+    """The inverse of :func:`edit_state`: an edited model's tensors as the plain architecture
+    names them (``twice``: the first copy; the edit's own tensors dropped)."""
+    out = dict(state)
+    for path, spec in sorted((edits or {}).items()):
+        for k in [k for k in out if k.startswith(path + ".")]:
+            v = out.pop(k)
+            if spec["kind"] == "twice" and k.startswith(path + ".0."):
+                out[f"{path}.{k[len(path) + 3:]}"] = v
+    return out
+
+
+def edits_of(model: nn.Module) -> dict:
+    """The graph edits ``model`` was built with (``{}`` for a plain timm model)."""
+    return dict((creation_record(model) or {}).get("edits") or {})
+
+
+def describe_edit(path: str, spec: dict) -> str:
+    """One line: what the edit adds to the base graph, and why."""
+    what = {"twice": f"{path} applied a second time, with its own weights (+1 node)",
+            "affine": f"a per-channel affine at {path} (+2 nodes: Mul, Add)",
+            "shift": f"a per-channel shift at {path} (+1 node: Add)"}.get(spec.get("kind"),
+                                                                          f"{spec} at {path}")
+    return what + (f" - {spec['why']}" if spec.get("why") else "")
 
 
 def _read_weights(path: str) -> dict:
@@ -131,8 +281,10 @@ def load_base_weights(model: nn.Module, path: str, arch: Optional[str] = None) -
             model.load_pretrained(path)
         except Exception as e:
             raise BaseMismatchError(f"base weights {path} do not fit {arch}: {first_line(e)}") from None
+        check_finite(model.state_dict(), f"base weights {path}")
         return
     state = _read_weights(path)
+    check_finite(state, f"base weights {path}")
     own = model.state_dict()
     if set(state) != set(own):
         import sys

@@ -33,8 +33,8 @@ from .fileio import check_writable, plain as _plain
 from .formats.checkpoint import (FORMAT, load_checkpoint, save_checkpoint, serialized_size,
                                  task_record)
 from .formats.provenance import base_record, describe_base
-from .models import (count_params, create_base_model, creation_record, input_size, logits_of,
-                     resolve_arch, sized_kwargs)
+from .models import (check_finite, count_params, create_base_model, creation_record, input_size,
+                     logits_of, resolve_arch, sized_kwargs)
 from .runtime import data_config
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
 
@@ -295,7 +295,24 @@ def _read_resume(path: str) -> dict:
     if missing:
         raise SSFDeployError(f"cannot resume from {path}: it lacks {', '.join(missing)} "
                              f"(only checkpoints written by 'ssf-deploy train' resume)")
+    check_finite(_resume_tensors(ckpt), f"cannot resume from {path}")
     return ckpt
+
+
+def _resume_tensors(ckpt: dict):
+    """(name, tensor) for every tensor a resume loads: the trainable state, the optimizer's
+    moments, the AMP scaler's scale."""
+    state = ckpt.get("state")
+    if isinstance(state, dict):
+        yield from ((f"state.{k}", v) for k, v in state.items())
+    opt = ckpt.get("optimizer")
+    if isinstance(opt, dict) and isinstance(opt.get("state"), dict):
+        for index, entry in opt["state"].items():
+            if isinstance(entry, dict):
+                yield from ((f"optimizer.state.{index}.{k}", v) for k, v in entry.items())
+    scaler = ckpt.get("scaler")
+    if isinstance(scaler, dict):
+        yield from ((f"scaler.{k}", v) for k, v in scaler.items())
 
 
 def _check_resume(ckpt: dict, path: str, *, arch: str, method: str, options: dict,

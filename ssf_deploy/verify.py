@@ -48,11 +48,38 @@ class OutputComparison:
     mean_abs: float
     top1_agree: float      # fraction of rows whose argmax matches (classifier logits)
     passed: bool
+    # NaN/Inf values on each side and the rows holding any: such a comparison always fails, its
+    # errors are over the values finite on both sides, and a row with one never "agrees"
+    non_finite: dict = field(default_factory=dict)
+
+    @property
+    def finite(self) -> bool:
+        return not self.non_finite
 
     def as_dict(self) -> dict:
-        return dict(name=self.name, shape=list(self.shape), max_abs_error=self.max_abs,
-                    max_rel_error=self.max_rel, mean_abs_error=self.mean_abs,
-                    top1_agreement=self.top1_agree, allclose=self.passed)
+        def num(v):
+            return v if v == v else None     # JSON has no NaN
+        return dict(name=self.name, shape=list(self.shape), max_abs_error=num(self.max_abs),
+                    max_rel_error=num(self.max_rel), mean_abs_error=num(self.mean_abs),
+                    top1_agreement=self.top1_agree, allclose=self.passed,
+                    non_finite=dict(self.non_finite) or None)
+
+    def __str__(self) -> str:
+        errors = (f"max abs {self.max_abs:.3e}, max rel {self.max_rel:.3e}, mean abs "
+                  f"{self.mean_abs:.3e}")
+        verdict = "ok" if self.passed else "MISMATCH"
+        if not self.non_finite:
+            return (f"{self.name} {tuple(self.shape)}: {errors}, top-1 agree "
+                    f"{100 * self.top1_agree:.1f}% -> {verdict}")
+        nf = self.non_finite
+        sides = "; ".join(f"the {side} holds {n} NaN/Inf value(s)"
+                          for side, n in (("reference", nf["reference"]),
+                                          ("candidate", nf["candidate"])) if n)
+        finite = errors if nf["rows"] < self.shape[0] else "no row finite on both sides"
+        return (f"{self.name} {tuple(self.shape)}: NON-FINITE OUTPUT: {sides} ({nf['rows']} of "
+                f"{self.shape[0]} rows); such a comparison fails. Finite values: {finite}; top-1 "
+                f"agree {100 * self.top1_agree:.1f}% (a row with NaN/Inf never agrees) -> "
+                f"{verdict}")
 
 
 @dataclass
@@ -68,6 +95,23 @@ class VerifyReport:
     def passed(self) -> bool:
         return not self.error and bool(self.outputs) and all(o.passed for o in self.outputs)
 
+    @property
+    def non_finite(self) -> bool:
+        """Some output held a NaN or an Inf (on either side)."""
+        return any(o.non_finite for o in self.outputs)
+
+    def why(self) -> str:
+        """Why it failed, in a few words ('' when it passed)."""
+        if self.passed:
+            return ""
+        if self.error:
+            return self.error
+        if self.non_finite:
+            sides = sorted({side for o in self.outputs for side in ("reference", "candidate")
+                            if o.non_finite.get(side)})
+            return f"NaN/Inf in the {' and the '.join(sides)} output"
+        return "outputs differ beyond tolerance"
+
     def as_dict(self) -> dict:
         return dict(reference=self.reference, candidate=self.candidate, atol=self.atol,
                     rtol=self.rtol, passed=self.passed, error=self.error or None,
@@ -78,12 +122,7 @@ class VerifyReport:
                f"{'PASS' if self.passed else 'FAIL'}"
         if self.error:
             return head + f"\n  {self.error}"
-        rows = [head]
-        for o in self.outputs:
-            rows.append(f"  {o.name} {tuple(o.shape)}: max abs {o.max_abs:.3e}, max rel "
-                        f"{o.max_rel:.3e}, mean abs {o.mean_abs:.3e}, top-1 agree "
-                        f"{100 * o.top1_agree:.1f}% -> {'ok' if o.passed else 'MISMATCH'}")
-        return "\n".join(rows)
+        return "\n".join([head] + [f"  {o}" for o in self.outputs])
 
 
 def _as_list(out) -> list:
@@ -109,17 +148,39 @@ def compare(reference: Sequence, candidate: Sequence, *, atol: float = DEFAULT_A
         if a.shape != b.shape:
             report.error = f"{name}: shape {a.shape} vs {b.shape}"
             return report
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
-        rel = diff / np.maximum(np.abs(a.astype(np.float64)), 1e-12)
-        top1 = float((a.reshape(a.shape[0], -1).argmax(-1) == b.reshape(b.shape[0], -1).argmax(-1))
-                     .mean()) if a.ndim >= 2 and a.shape[0] else 1.0
-        passed = finite and bool(np.all(diff <= atol + rtol * np.abs(a)))
-        report.outputs.append(OutputComparison(
-            name, a.shape, float(diff.max()) if diff.size else 0.0,
-            float(rel.max()) if rel.size else 0.0, float(diff.mean()) if diff.size else 0.0,
-            top1, passed))
+        report.outputs.append(_compare_one(name, a, b, atol, rtol))
     return report
+
+
+def _compare_one(name: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float
+                 ) -> OutputComparison:
+    """Errors over the values finite on both sides; any NaN/Inf fails the comparison."""
+    bad_a, bad_b = ~np.isfinite(a), ~np.isfinite(b)
+    both = ~(bad_a | bad_b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    diff = np.abs(np.where(both, a64, 0.0) - np.where(both, b64, 0.0))
+    rel = diff / np.maximum(np.abs(np.where(both, a64, 0.0)), 1e-12)
+    kept = diff[both]
+    if a.ndim >= 1 and a.shape[0]:
+        rows_bad = (bad_a | bad_b).reshape(a.shape[0], -1).any(-1)
+    else:
+        rows_bad = np.zeros(0, dtype=bool)
+    non_finite = {}
+    if bad_a.any() or bad_b.any():
+        non_finite = {"reference": int(bad_a.sum()), "candidate": int(bad_b.sum()),
+                      "rows": int(rows_bad.sum()) if rows_bad.size else 1}
+    if a.ndim >= 2 and a.shape[0]:
+        same = a.reshape(a.shape[0], -1).argmax(-1) == b.reshape(b.shape[0], -1).argmax(-1)
+        top1 = float((same & ~rows_bad).mean())   # all-NaN rows all argmax to 0: not agreement
+    else:
+        top1 = 0.0 if non_finite else 1.0
+    passed = not non_finite and bool(np.all(diff <= atol + rtol * np.abs(a64)))
+    nan = float("nan")
+    return OutputComparison(
+        name, a.shape, float(kept.max()) if kept.size else (nan if non_finite else 0.0),
+        float(rel[both].max()) if kept.size else (nan if non_finite else 0.0),
+        float(kept.mean()) if kept.size else (nan if non_finite else 0.0),
+        top1, passed, non_finite)
 
 
 def _describe(x) -> str:

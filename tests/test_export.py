@@ -219,3 +219,67 @@ def test_verify_inputs_from_an_image_folder(tmp_path, capsys):
              and r["reference"] == "unfused (PyTorch)"]
     assert fused[0]["outputs"][0]["shape"] == [5, 5]
     assert main(["verify", ckpt, "--base-weights", base, "--inputs", str(tmp_path / "none")]) == 2
+
+
+def test_fp16_range_issues_and_engine_fp16_refuses_them(tmp_path, capsys):
+    """A fold may write values fp32 holds and fp16 cannot (issue 19: the official ConvNeXt's
+    shift through a tiny layer scale, t / g ~ 1e5). fp16_range_issues finds them in a real
+    exported ONNX; ``engine --fp16`` refuses such a model in one line before TensorRT is even
+    imported (so this runs without a GPU), an fp32 engine build is not affected by the check."""
+    from ssf_deploy.export import FP16_MAX, fp16_range_issues
+    model = make_model("vit").eval()
+    path = str(tmp_path / "ok.onnx")
+    export_onnx(model, path, image_size=32)
+    assert fp16_range_issues(onnx.load(path)) == []
+    with torch.no_grad():
+        model.head.bias[3] = -1.5e5
+        model.blocks[0].mlp.fc2.weight[0, 0] = 7e4
+    big = str(tmp_path / "big.onnx")
+    export_onnx(model, big, image_size=32)
+    issues = fp16_range_issues(onnx.load(big))
+    assert [round(v) for _, v in issues] == [150000, 70000] and FP16_MAX == 65504
+    assert issues[0][0] in ("head.bias",) or "head" in issues[0][0]
+    rc = main(["engine", big, "--out", str(tmp_path / "m.plan"), "--fp16"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "65504" in err[0] and "1.5e+05" in err[0] \
+        and "(and 1 more)" in err[0], err
+    assert not os.path.exists(tmp_path / "m.plan")
+
+
+@pytest.mark.parametrize("trained", [True, False], ids=["trained-base", "untrained-base"])
+def test_base_graph_is_compared_before_onnxsim_and_simplified_only_when_it_differs(
+        trained, tmp_path, monkeypatch):
+    """Issue 19 (fuse speed): the base export is compared with the exporter's graph of the fused
+    model (written next to the output anyway), so it costs one export and no onnxsim; only a
+    graph that differs is simplified too (test_official: +1 LayerNormalization after onnxsim).
+    The fused ONNX is still simplified, checked and run in onnxruntime as before."""
+    import onnxsim
+    calls = []
+    real = onnxsim.simplify
+
+    def counting(model, *a, **k):
+        calls.append(model if isinstance(model, str) else "proto")
+        return real(model, *a, **k)
+    monkeypatch.setattr(onnxsim, "simplify", counting)
+    model = make_model("vit")
+    if trained:
+        model = pretrained_like(model)
+    sd.apply_method(model, "ssf", init_std=0.3)
+    out = str(tmp_path / "m.onnx")
+    report = sd.deploy(model, [torch.randn(2, 3, 32, 32)], out=out, compare_graph="always")
+    o = report.onnx
+    assert o["compared"] == "exporter" and o["same_graph_as_base"] and o["extra_nodes"] == 0
+    fused, base = o["fused"]["exported"], o["base"]
+    # an untrained base repeats initializers (LayerNorm ones, zero biases): the exporter adds an
+    # Identity node per repeat, the fused model has none; nothing else differs
+    assert (base["ops"].get("Identity", 0) > fused["ops"].get("Identity", 0)) == (not trained)
+    assert base["nodes"] - base["ops"].get("Identity", 0) == \
+        fused["nodes"] - fused["ops"].get("Identity", 0) > o["fused"]["nodes"]
+    assert len(calls) == 1 and calls[0].endswith(".raw.onnx")   # the fused file, file to file
+    assert "the exporter's graph (before onnxsim, Identity nodes aside)" in str(report)
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    keys = [p.key for p in proto.metadata_props]
+    ours = [k for k in keys if k.startswith("ssf_deploy.")]
+    assert ours == sorted(ours) and "ssf_deploy.initializers" in ours
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]   # no scratch left

@@ -645,6 +645,16 @@ def _mutate(ck: dict, case: str) -> dict:
         ck["arch"] = 3
     elif case == "probe-number":
         ck["probe"] = 1.0
+    elif case == "factor-nan":
+        ck["state"][ssf] = ck["state"][ssf].clone()
+        ck["state"][ssf][1] = float("nan")
+    elif case == "head-inf":
+        head = next(k for k in ck["state"] if k.endswith("fc.weight"))
+        ck["state"][head] = ck["state"][head].clone()
+        ck["state"][head][0, :2] = float("inf")
+    elif case == "probe-nan":
+        ck["probe"]["logits"] = ck["probe"]["logits"].clone()
+        ck["probe"]["logits"][0, 0] = float("nan")
     elif case == "probe-logits-wrong-shape":
         ck["probe"]["logits"] = torch.zeros(4, 3)
     elif case == "base-hash-number":
@@ -665,7 +675,11 @@ MALFORMED = {"factor-is-a-number": "is the float 1.0, not a tensor",
              "probe-number": "'probe' is the float 1.0",
              "probe-logits-wrong-shape": "'probe.logits' is a tensor of shape (4, 3)",
              "base-hash-number": "'base.sha256' is the float 1.0",
-             "plain-state-dict-with-a-number": "is a float, not a tensor"}
+             "plain-state-dict-with-a-number": "is a float, not a tensor",
+             # issue 19: non-finite numbers are bad input, refused naming the tensor and the file
+             "factor-nan": "ssf_scale' holds 1 NaN of",
+             "head-inf": "fc.weight' holds 2 Inf of",
+             "probe-nan": "tensor 'probe.logits' holds 1 NaN of"}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
@@ -680,6 +694,70 @@ def test_malformed_values_are_one_line(case, tool, tasks, tmp_path, capsys):
     rc = main(argv)
     _one_line(rc, capsys.readouterr().err, MALFORMED[case])
     assert _names(tmp_path) == ["bad.pt"]
+
+
+def test_non_finite_values_are_refused_before_any_work(tasks, fused_set, tmp_path, monkeypatch,
+                                                        capsys):
+    """Issue 19: a NaN used to fold into every weight it touched and surface as a failed
+    comparison (exit 1, a report claiming 100 % top-1 agreement). Checkpoint, pack and base
+    weights are refused at load, in one line naming the tensor and the file, exit 2."""
+    from ssf_deploy.formats.pack import read_safetensors
+    def no_fold(*a, **k):
+        raise AssertionError("a task that should have been refused at load was folded")
+    monkeypatch.setattr(sys.modules["ssf_deploy.deploy"], "fuse_with_report", no_fold)
+    monkeypatch.setattr(sys.modules["ssf_deploy.fuse"], "fuse", no_fold)
+    ck = torch.load(tasks["A"], weights_only=True)
+    bad = str(tmp_path / "bad.pt")
+    save_checkpoint(_mutate(ck, "factor-nan"), bad)
+    rc = main(["fuse", bad, "--base-weights", tasks["base"], "--out", str(tmp_path / "m.onnx")])
+    line = _one_line(rc, capsys.readouterr().err, bad, "NaN", "refusing non-finite")
+    assert "top-1" not in line
+    # a pack with an Inf
+    state, meta = read_safetensors(os.path.join(fused_set, "p.safetensors"))
+    k = next(k for k in state if k.endswith("ssf_shift"))
+    state[k] = state[k].clone()
+    state[k][0] = float("-inf")
+    pack = str(tmp_path / "bad.safetensors")
+    save_safetensors(state, pack, metadata=meta)
+    rc = main(["verify", "--pack", pack, "--base-weights", tasks["base"]])
+    _one_line(rc, capsys.readouterr().err, pack, f"'{k}' holds 1 Inf")
+    # base weights with a NaN: refused naming the file, before the base hash is even computed
+    from ssf_deploy.formats.pack import read_safetensors as read_st
+    base, _ = read_st(tasks["base"])
+    w = next(k for k in base if k.endswith("conv1.weight"))
+    base[w] = base[w].clone()
+    base[w].view(-1)[3] = float("nan")
+    nan_base = str(tmp_path / "nanbase.safetensors")
+    save_safetensors(base, nan_base)
+    rc = main(["fuse", tasks["A"], "--base-weights", nan_base, "--out", str(tmp_path / "m.onnx")])
+    _one_line(rc, capsys.readouterr().err, f"base weights {nan_base}", f"'{w}' holds 1 NaN")
+    assert _names(tmp_path) == ["bad.pt", "bad.safetensors", "nanbase.safetensors"]
+
+
+def test_a_non_finite_comparison_fails_in_its_own_words():
+    """All-NaN rows all argmax to index 0: they must not count as top-1 agreement."""
+    import numpy as np
+    from ssf_deploy.verify import compare
+    ref = np.array([[0.0, 1.0, 2.0], [3.0, 1.0, 0.0], [0.5, 0.2, 0.1]], dtype=np.float32)
+    cand = ref.copy()
+    cand[0] = np.nan                     # argmax 0, like ref[1] and ref[2]
+    cand[1] = np.nan
+    r = compare([ref], [cand], names=["logits"])
+    o = r.outputs[0]
+    assert not r.passed and r.non_finite and o.non_finite == {"reference": 0, "candidate": 6,
+                                                               "rows": 2}
+    assert o.top1_agree == pytest.approx(1 / 3) and o.max_abs == 0.0   # the one finite row
+    text = str(r)
+    assert "FAIL" in text and "NON-FINITE" in text and "candidate holds 6 NaN/Inf" in text
+    assert "100.0%" not in text and "33.3%" in text and r.why() == "NaN/Inf in the candidate output"
+    json.dumps(r.as_dict(), allow_nan=False)                  # strict JSON: no NaN literals
+    everything = ref.copy()
+    everything[:] = np.inf
+    r = compare([everything], [everything])
+    assert not r.passed and r.outputs[0].top1_agree == 0.0
+    assert "no row finite on both sides" in str(r) and r.as_dict()["outputs"][0][
+        "max_abs_error"] is None
+    assert compare([ref], [ref.copy()]).passed                # finite and equal: still a PASS
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -720,6 +798,13 @@ def _resume_case(ck: dict, case: str) -> dict:
     elif case == "trainable-state":
         k = next(iter(ck["state"]))
         ck["state"][k] = ck["state"][k].flatten()[:1]
+    elif case == "moment-nan":
+        first["exp_avg_sq"] = first["exp_avg_sq"].clone()
+        first["exp_avg_sq"].view(-1)[0] = float("nan")
+    elif case == "state-inf":
+        k = next(iter(ck["state"]))
+        ck["state"][k] = ck["state"][k].clone()
+        ck["state"][k].view(-1)[0] = float("inf")
     return ck
 
 
@@ -727,7 +812,8 @@ RESUME = {"moment-wrong-shape": "'exp_avg' of", "moment-not-a-tensor": "is a flo
           "step-text": "'step' of", "lr-text": "'lr' is 'fast'",
           "groups": "parameter group(s), this run", "optimizer-not-a-dict": "optimizer state is not",
           "scheduler-field": "scheduler state 't_initial'", "epoch": "'epoch' is -1",
-          "trainable-state": "checkpoint does not match the model"}
+          "trainable-state": "checkpoint does not match the model",
+          "moment-nan": "exp_avg_sq' holds 1 NaN", "state-inf": "holds 1 Inf"}
 
 
 @pytest.mark.parametrize("case", list(RESUME))
@@ -848,7 +934,10 @@ def test_safetensors_checkpoints_and_onnx_are_byte_identical_for_the_same_conten
     export_onnx(model, str(tmp_path / "b.onnx"), example=x, metadata={"z": 1, "arch": "m"})
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     keys = [p.key for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props]
-    assert keys == sorted(keys)
+    # one fixed order: onnxsim's own keys as it writes them, then ours (appended, sorted)
+    ours = [k for k in keys if k.startswith("ssf_deploy.")]
+    assert ours == sorted(ours) and keys[-len(ours):] == ours and len(set(keys)) == len(keys)
+    assert all(k.startswith("onnxsim.") for k in keys[:-len(ours)])
 
 
 def test_two_fuse_runs_write_the_same_bytes(fused_set, tasks, tmp_path, capsys):

@@ -197,6 +197,28 @@ def test_a_random_transformers_base_is_redrawn_bit_for_bit(vit_folder):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_image_transforms_take_the_family_data_config(tmp_path):
+    """Every image transform (quantize's calibration, engine inputs, --inputs DIR, training)
+    goes through runtime.data_config, which asks the family: the folder's image processor
+    config, not timm's defaults."""
+    import json
+
+    from timm.data import create_transform
+    from ssf_deploy.runtime import data_config, eval_transform
+    folder = save_folder("vit", str(tmp_path / "vit"))
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 2},
+                  f)
+    arch = f"transformers:{folder}"
+    by_arch = data_config(arch, chw=(3, 32, 32))
+    by_model = data_config(model=sd.create_base_model(arch, 3), chw=(3, 32, 32))
+    assert by_arch == by_model
+    assert by_arch["mean"] == (0.1, 0.2, 0.3) and by_arch["std"] == (0.4, 0.5, 0.6)
+    assert by_arch["interpolation"] == "bilinear" and by_arch["input_size"] == (3, 32, 32)
+    assert repr(eval_transform(arch, chw=(3, 32, 32))) == \
+        repr(create_transform(**by_arch, is_training=False))
+
+
 def test_export_cli_names_a_local_transformers_folder(vit_folder, tmp_path, capsys):
     from ssf_deploy.tools import main
     out = str(tmp_path / "base.onnx")

@@ -209,6 +209,7 @@ def run_arch(arch: str, ns: list, args, work: str) -> dict:
         times = lat.pop("_times")
         row["latency"] = lat
         row["ratio"] = statistics.median(a / b for a, b in zip(times["bundle"], times["fused"]))
+        row["load"] = load_info()     # the ratio is per interleaved pair; the load says how busy
         sess = None   # free the session before the next size
         print(f"  {arch} N={n}: bundle {lat['bundle']['median_ms']:.0f} ms vs fused "
               f"{lat['fused']['median_ms']:.0f} ms -> {row['ratio']:.3f}x", file=sys.stderr)
@@ -321,7 +322,7 @@ def markdown(results: dict) -> str:
                   f"one {r['fused_rss_per_model'] / 1e6:.0f} MB", "",
                   "| N tasks | mixed batch / fused | bundle ms | fused ms | bundle resident MB "
                   "| N fused models MB | target MB (base + 1.2 N pack) | session s | gate "
-                  "(max err vs recorded / fused) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "(max err vs recorded / fused) | load 1m |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             n = row["tasks"]
             nf = r["fused_rss_one"] + (n - 1) * r["fused_rss_per_model"]
@@ -335,7 +336,8 @@ def markdown(results: dict) -> str:
                 f"{row['latency']['fused']['median_ms']:.0f} | "
                 f"{row['memory']['rss'] / 1e6:.0f} (peak {row['memory']['hwm'] / 1e6:.0f}) | "
                 f"{nf_txt} | {target / 1e6:.0f} | {row['session_seconds']:.1f} | "
-                f"{g['max_abs_vs_recorded']:.1e} / {g['max_abs_vs_fused']:.1e} |")
+                f"{g['max_abs_vs_recorded']:.1e} / {g['max_abs_vs_fused']:.1e} | "
+                f"{row.get('load', {}).get('loadavg_1m', float('nan')):.1f} |")
         ind = r["independent"]
         lines += ["", f"Independent timer (each model alone in a fresh process, {ind['iters']} "
                       f"batches minus 0, N = {ind['tasks']}): bundle "
@@ -457,16 +459,16 @@ def main() -> None:
                                       if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    for arch in args.archs:
+    os.makedirs(args.out, exist_ok=True)
+    for arch in args.archs:     # written after every architecture: a long run keeps what it has
         work = os.path.join(args.work, arch)
         shutil.rmtree(work, ignore_errors=True)
         results["archs"].append(run_arch(arch, sorted(args.tasks), args, work))
-    results["load_end"] = load_info()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(results) + "\n")
+        results["load_end"] = load_info()
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(markdown(results) + "\n")
     print(markdown(results))
 
 

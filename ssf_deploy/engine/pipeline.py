@@ -18,7 +18,7 @@ import torch
 
 from ..anchor import GoldenProbe, check_golden
 from ..errors import UsageError, VerificationError
-from ..export import graph_stats, read_metadata
+from ..export import FP16_MAX, fp16_range_issues, graph_stats, read_metadata
 from ..fileio import check_writable
 from ..runtime import (ImageBatches, OrtRunner, eval_transform, graph_inputs, image_files,
                        load_onnx)
@@ -176,6 +176,12 @@ def build_checked_engine(onnx: str, out: Optional[str] = None, *, fp16=False, tf
     calibrate = bool(calib or calib_cache)
     check_precision_request(fp16=fp16, tf32=tf32, int8=int8, fp8=fp8, calibrate=calibrate,
                             qdq=quant["kind"], refittable=refittable)
+    big = fp16_range_issues(proto) if fp16 else []
+    if big:     # an fp16 engine would turn them into inf; its own check would catch it later
+        raise UsageError(f"`fp16`: {onnx} holds weights beyond float16's range ({FP16_MAX:g}): "
+                         f"'{big[0][0]}' up to {big[0][1]:.3g}"
+                         + (f" (and {len(big) - 1} more)" if len(big) > 1 else "")
+                         + "; build it in fp32")
     if calib_cache and not calib and not os.path.isfile(calib_cache):
         raise UsageError(f"`calib_cache` {calib_cache} does not exist yet: give `calib` DIR to "
                          f"make it")

@@ -24,7 +24,7 @@ from ..fileio import atomic_path, check_manifest, plain
 from ..models import creation_record, input_size
 from ..tuners import infer_method, method_of, trainable_state_dict
 from .provenance import base_record, record_probe
-from .task import Task, check_task
+from .task import Task
 
 __all__ = ["FORMAT", "SAFE_GLOBALS", "save_checkpoint", "load_checkpoint", "is_ours",
            "read_ours", "is_state_dict", "read_state_dict", "task_record", "save_task",
@@ -131,14 +131,14 @@ def read_ours(obj: dict, path: str) -> Task:
     if not isinstance(obj["state"], dict):
         raise CheckpointError(f"checkpoint {path}: 'state' is not a dict of tensors")
     options, kwargs = obj.get("options"), obj.get("model_kwargs")
-    return check_task(Task(
+    return Task(   # checked by read_task (check_task), like every reader's result
         obj["arch"], obj["num_classes"], obj["method"],
         dict(options) if isinstance(options, dict) else ({} if options is None else options),
         dict(obj["state"]),
         extra={k: obj[k] for k in ("epoch", "metrics", "base", "probe", "image_size") if k in obj},
         model_kwargs=dict(kwargs) if isinstance(kwargs, dict) else ({} if kwargs is None else
                                                                       kwargs),
-        path=path))
+        path=path)
 
 
 # ------------------------------------------------------------------------------------ state dict

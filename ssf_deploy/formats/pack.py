@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UsageError, first_line
 from ..fileio import check_manifest, save_safetensors
-from ..models import creation_record, input_size
+from ..models import creation_record, edits_of, input_size
 from ..tuners import method_of, trainable_state_dict
 from .provenance import base_record, record_probe
 from .task import Task, check_task, provenance_of
@@ -38,6 +38,9 @@ def save_pack(model: nn.Module, path: str, *, arch: Optional[str] = None,
     if not meta or meta["method"] != "ssf":
         raise UsageError("a task pack holds SSF factors: the model must carry method 'ssf'")
     rec = creation_record(model) or {}
+    if edits_of(model):
+        raise UsageError("a task pack rebuilds the task on the plain timm architecture, and this "
+                         "model's forward needs graph edits (" + ", ".join(edits_of(model)) + ")")
     arch = arch or rec.get("arch")
     if not arch:
         raise UsageError("cannot write a pack without the architecture name (pass --model)")

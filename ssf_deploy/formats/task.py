@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
-from ..models import create_base_model, creation_record
+from ..models import check_finite, create_base_model, creation_record
 from ..runtime.keys import KeyDiff, key_diff
 from ..tuners import apply_method, check_trainable_state, load_trainable_state
 from .provenance import check_base, describe_base
@@ -36,6 +36,7 @@ class Task:
     complete: bool = False  # state holds the full model (plain/official dialects), not a delta
     model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size...)
     path: str = ""
+    edits: dict = field(default_factory=dict)   # graph edits the task's forward needs (models.py)
 
     @property
     def base(self) -> Optional[dict]:
@@ -73,8 +74,9 @@ def check_task(task: Task) -> Task:
     Every reader's result goes through here before a model is built, so a malformed file (a
     factor that is the number 1.0, options that are not a dict, a golden probe of the wrong
     size) is a :class:`~ssf_deploy.errors.CheckpointError` naming the field, never an
-    ``AttributeError`` from deep inside the rebuild. Shapes against the model are checked by
-    :func:`build_model`.
+    ``AttributeError`` from deep inside the rebuild; so is a NaN or Inf in any tensor (named as
+    the file spells it: ``extra["origin"]``), before anything is folded or exported. Shapes
+    against the model are checked by :func:`build_model`.
     """
     where = task.path or "the checkpoint"
 
@@ -87,10 +89,10 @@ def check_task(task: Task) -> Task:
         bad("num_classes", task.num_classes, "a positive integer")
     if not isinstance(task.method, str):
         bad("method", task.method, "a method name")
-    for field in ("options", "model_kwargs"):
-        value = getattr(task, field)
+    for key in ("options", "model_kwargs", "edits"):
+        value = getattr(task, key)
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            bad(field, value, "a dict")
+            bad(key, value, "a dict")
     if not isinstance(task.state, dict):
         bad("state", task.state, "a dict of tensors")
     for k, v in task.state.items():
@@ -149,6 +151,10 @@ def check_task(task: Task) -> Task:
         for field in ("input_sha256", "recorded", "device", "dtype", "kind"):
             if field in probe and not isinstance(probe[field], str):
                 bad(f"probe.{field}", probe[field], "a string")
+        check_finite({"probe.logits": logits}, where)
+    origin = extra.get("origin")
+    check_finite(task.state, where, {k: f"'{v}' in the file" for k, v in origin.items()}
+                 if isinstance(origin, dict) else None)
     return task
 
 
@@ -203,7 +209,7 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
             raise UsageError(f"{task.path or 'the task'} needs its base weights: pass "
                              f"--base-weights FILE or --pretrained")
     model = create_base_model(arch, num_classes, pretrained=pretrained, pretrained_file=base_weights,
-                              init_seed=init_seed, **task.model_kwargs)
+                              init_seed=init_seed, edits=task.edits, **task.model_kwargs)
     apply_method(model, task.method, **task.options)
     if not task.complete:   # names, types, shapes: before hashing the base against its record
         check_trainable_state(model, task.state)

@@ -41,11 +41,14 @@ from ._common import (base_options, emit, image_size_for, load_task, make_inputs
                    "or not at all.")
 @click.option("--strict-graph", is_flag=True,
               help="Fail unless the ONNX graph equals the base export node for node.")
+@click.option("--allow-extra-nodes", is_flag=True,
+              help="Deploy a checkpoint whose forward the base graph cannot compute (official "
+                   "ConvNeXt-hnf: norm_pre twice) as the base graph plus those nodes, reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No per-stage progress on stderr.")
 def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, allow_base_mismatch, opset,
          dynamic_batch, no_simplify, save_weights, save_pack, atol, rtol, inputs_spec, batch_size,
-         image_size, compare_graph, strict_graph, as_json, quiet):
+         image_size, compare_graph, strict_graph, allow_extra_nodes, as_json, quiet):
     """Fold SSF into the base weights, verify, export ONNX, check it in onnxruntime."""
     from ..deploy import deploy
     from ..models import creation_record
@@ -73,7 +76,8 @@ def fuse(ckpt, out, pack, arch, num_classes, base_weights, pretrained, allow_bas
                         onnx_metadata={"arch": rec.get("arch") or "",
                                        "num_classes": rec.get("num_classes") or 0,
                                        "fused_from": "ssf"},
-                        progress=progress_printer(not (quiet or as_json)))
+                        progress=progress_printer(not (quiet or as_json)),
+                        allow_extra_nodes=allow_extra_nodes)
     except VerificationError as e:
         emit(e.report.as_dict(), as_json, str(e.report))
         raise VerificationError(f"{e} — nothing written") from e

@@ -26,6 +26,9 @@ from ._common import (base_options, emit, image_size_for, load_task, make_inputs
 @click.option("--atol", type=float, help=f"Absolute tolerance ({DEFAULT_ATOL:g}; fp16 {FP16_ATOL:g}).")
 @click.option("--rtol", type=float, help=f"Relative tolerance ({DEFAULT_RTOL:g}; fp16 {FP16_RTOL:g}).")
 @click.option("--fp16", is_flag=True, help="Run the fused model in float16, fp16 tolerances.")
+@click.option("--allow-extra-nodes", is_flag=True,
+              help="Fuse a checkpoint whose forward the base graph cannot compute with those "
+                   "nodes added (as fuse --allow-extra-nodes does).")
 @click.option("--inputs", "inputs_spec", default="2", show_default=True,
               help="N random batches, or a folder of images.")
 @click.option("--batch-size", default=4, show_default=True, type=int)
@@ -33,7 +36,7 @@ from ._common import (base_options, emit, image_size_for, load_task, make_inputs
               help="Input resolution (default: the one the task was trained at).")
 @click.option("--json", "as_json", is_flag=True)
 def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, allow_base_mismatch,
-           atol, rtol, fp16, inputs_spec, batch_size, image_size, as_json):
+           atol, rtol, fp16, allow_extra_nodes, inputs_spec, batch_size, image_size, as_json):
     """Compare the fused model (and ONNX) with the trained one: exit 0 only if all pass."""
     from ..gate import check_deployment
 
@@ -46,7 +49,8 @@ def verify(ckpt, pack, onnx_path, arch, num_classes, base_weights, pretrained, a
     model = tuned_model(task, arch, num_classes, base_weights, pretrained, allow_base_mismatch)
     inputs = make_inputs(inputs_spec, model, batch_size, image_size_for(task, image_size))
     try:
-        report = check_deployment(model, inputs, onnx=onnx_path, atol=atol, rtol=rtol, fp16=fp16)
+        report = check_deployment(model, inputs, onnx=onnx_path, atol=atol, rtol=rtol, fp16=fp16,
+                                  allow_extra_nodes=allow_extra_nodes)
     except VerificationError as e:
         if e.report is not None:
             emit(e.report.as_dict(), as_json, str(e.report) + "\nFAIL")
