@@ -208,7 +208,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     if save_pack and edits_of(model):
         raise UsageError("a task pack rebuilds the task on the plain timm architecture, and this "
                          "model's forward needs graph edits (" + ", ".join(edits_of(model)) +
-                         "): deploy the checkpoint itself, without --save-pack")
+                         "): deploy the checkpoint itself, without `save_pack`")
     model = model.eval()
     inputs = list(inputs)
     report = DeployReport(fuse=FuseReport(), anchor=anchor_of(model))
@@ -216,7 +216,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     golden = GoldenProbe(prov["probe"]) if prov.get("probe") is not None else None
     if save_pack and str(report.anchor.get("base_status", "")).endswith("overridden"):
         raise UsageError("refusing to write a task pack from a base that was not verified "
-                         "(--allow-base-mismatch): the pack would record a base it was not "
+                         "(`allow_base_mismatch`): the pack would record a base it was not "
                          "trained on")
 
     def fail(why: str):

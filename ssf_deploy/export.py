@@ -115,7 +115,7 @@ def _simplify(model, output_path: Optional[str] = None) -> onnx.ModelProto:
         import onnxsim
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise SSFDeployError("onnxsim is not installed: pip install onnxsim "
-                             "(or pass --no-simplify)") from e
+                             "(or export with `simplify` off)") from e
     try:
         kwargs = {"output_path": output_path} if output_path else {}
         simplified, ok = onnxsim.simplify(model, **kwargs)

@@ -617,7 +617,7 @@ def _fold_edits(model: nn.Module, state: dict, report: FuseReport,
             continue
         if not allow_extra_nodes:
             raise FuseError(f"cannot deploy as the base graph: {describe_edit(path, spec)}; no "
-                            f"fold removes it. Pass --allow-extra-nodes (allow_extra_nodes=True) "
+                            f"fold removes it. Pass `allow_extra_nodes` "
                             f"for an exact deployable with that extra node, reported as such")
         kept[path] = spec
         report.extra_nodes.append((path, f"{describe_edit(path, spec)} (--allow-extra-nodes)"))

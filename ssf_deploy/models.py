@@ -77,9 +77,9 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
     """
     arch = resolve_arch(arch)
     if num_classes is None or int(num_classes) < 1:
-        raise UsageError(f"--num-classes must be a positive integer, got {num_classes!r}")
+        raise UsageError(f"`num_classes` must be a positive integer, got {num_classes!r}")
     if pretrained and pretrained_file is not None:
-        raise UsageError("pass --pretrained or a weights file, not both")
+        raise UsageError("`pretrained` or `pretrained_file`, not both")
     if pretrained_file is not None and not os.path.isfile(pretrained_file):
         raise CheckpointError(f"weights file not found: {pretrained_file}")
     if init_seed is not None:
@@ -396,7 +396,7 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
         except TypeError:
             pass   # size-agnostic (convolutional) model
         except (ValueError, AssertionError, RuntimeError) as e:
-            raise UsageError(f"{arch} cannot run at --image-size {size}: {first_line(e)}") from None
+            raise UsageError(f"{arch} cannot run at `image_size` {size}: {first_line(e)}") from None
     return kwargs, size
 
 

@@ -149,12 +149,12 @@ def _resolve_device(name: str, d: Optional[_Dist] = None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SSFDeployError("--device cuda requested but no CUDA GPU is available (use --device cpu)")
+            raise SSFDeployError("`device` cuda requested but no CUDA GPU is available (use cpu)")
         if d is not None and d.enabled:
             return torch.device("cuda", d.local_rank)
         return torch.device(name)
     if name != "cpu":
-        raise SSFDeployError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise SSFDeployError(f"`device` must be auto, cpu or cuda, got {name!r}")
     return torch.device("cpu")
 
 
@@ -321,11 +321,11 @@ def _check_resume(ckpt: dict, path: str, *, arch: str, method: str, options: dic
         raise SSFDeployError(f"cannot resume from {path}: it was trained with {what} {theirs!r}, "
                              f"this run asks for {ours!r}")
     if ckpt["arch"] != arch:
-        refuse("--model", ckpt["arch"], arch)
+        refuse("`arch`", ckpt["arch"], arch)
     if ckpt["method"] != method:
-        refuse("--method", ckpt["method"], method)
+        refuse("`method`", ckpt["method"], method)
     if int(ckpt["num_classes"]) != num_classes:
-        refuse("num_classes", int(ckpt["num_classes"]), num_classes)
+        refuse("`num_classes`", int(ckpt["num_classes"]), num_classes)
     if _plain(ckpt["options"]) != _plain(options):
         refuse("method options", ckpt["options"], options)
     if _plain(ckpt.get("model_kwargs") or {}) != _plain(model_kwargs):
@@ -340,10 +340,10 @@ def _check_resume(ckpt: dict, path: str, *, arch: str, method: str, options: dic
 
 def _data_dir(cfg: TrainConfig, d: _Dist) -> str:
     if cfg.data and cfg.dataset:
-        raise SSFDeployError("pass either --data DIR or --dataset builtin, not both")
+        raise SSFDeployError("give either `data` or `dataset`, not both")
     if cfg.dataset:
         if cfg.dataset not in DATASETS:
-            raise SSFDeployError(f"unknown --dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+            raise SSFDeployError(f"unknown `dataset` {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
         if d.main:
             path = builtin_dataset()
         d.barrier()   # rank 0 generates, the others then find it ready
@@ -351,23 +351,23 @@ def _data_dir(cfg: TrainConfig, d: _Dist) -> str:
             path = builtin_dataset()
         return path
     if not cfg.data:
-        raise SSFDeployError("no training data: pass --data DIR (with train/ and val/) "
-                             "or --dataset builtin")
+        raise SSFDeployError("no training data: give `data` (a folder with train/ and val/) "
+                             "or `dataset` builtin")
     return cfg.data
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
-    for name, value, ok in (("--epochs", cfg.epochs, cfg.epochs >= 1),
-                            ("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
-                            ("--lr", cfg.lr, cfg.lr > 0),
-                            ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0),
-                            ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0),
-                            ("--min-lr", cfg.min_lr, cfg.min_lr >= 0),
-                            ("--label-smoothing", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1),
-                            ("--mixup", cfg.mixup, cfg.mixup >= 0),
-                            ("--cutmix", cfg.cutmix, cfg.cutmix >= 0),
-                            ("--workers", cfg.workers, cfg.workers >= 0),
-                            ("--max-steps-per-epoch", cfg.max_steps_per_epoch,
+    for name, value, ok in (("`epochs`", cfg.epochs, cfg.epochs >= 1),
+                            ("`batch_size`", cfg.batch_size, cfg.batch_size >= 1),
+                            ("`lr`", cfg.lr, cfg.lr > 0),
+                            ("`weight_decay`", cfg.weight_decay, cfg.weight_decay >= 0),
+                            ("`warmup_epochs`", cfg.warmup_epochs, cfg.warmup_epochs >= 0),
+                            ("`min_lr`", cfg.min_lr, cfg.min_lr >= 0),
+                            ("`label_smoothing`", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1),
+                            ("`mixup`", cfg.mixup, cfg.mixup >= 0),
+                            ("`cutmix`", cfg.cutmix, cfg.cutmix >= 0),
+                            ("`workers`", cfg.workers, cfg.workers >= 0),
+                            ("`max_steps_per_epoch`", cfg.max_steps_per_epoch,
                              cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1)):
         if not ok:
             raise SSFDeployError(f"{name} out of range: {value}")
@@ -419,7 +419,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
     classes = inspect_data_dir(data_dir)
     num_classes = int(cfg.num_classes or len(classes))
     if num_classes != len(classes):
-        raise SSFDeployError(f"--num-classes {num_classes} but {data_dir} has "
+        raise SSFDeployError(f"`num_classes` {num_classes} but {data_dir} has "
                              f"{len(classes)} classes")
     model_kwargs, size = _model_kwargs(arch, cfg)
 
@@ -452,7 +452,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
         steps = min(steps, cfg.max_steps_per_epoch)
     if steps == 0:
         raise SSFDeployError(f"{data_dir}/train has fewer images than one batch per process "
-                             f"(--batch-size {cfg.batch_size})")
+                             f"(`batch_size` {cfg.batch_size})")
 
     model.to(device)
     net: nn.Module = model
@@ -686,7 +686,7 @@ def _train_one_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
     epoch_loss = loss_total / max(n_total, 1)
     if not math.isfinite(epoch_loss):
         raise SSFDeployError(f"training diverged: loss is {epoch_loss} in epoch {epoch + 1} "
-                             f"(try a lower --lr)")
+                             f"(try a lower `lr`)")
     return epoch_loss, n_total, elapsed
 
 

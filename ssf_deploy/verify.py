@@ -29,7 +29,7 @@ def resolve_tolerances(atol: float | None, rtol: float | None, fp16: bool = Fals
     if rtol is None:
         rtol = FP16_RTOL if fp16 else DEFAULT_RTOL
     if atol < 0 or rtol < 0:
-        raise UsageError("--atol and --rtol must be >= 0")
+        raise UsageError("`atol` and `rtol` must be >= 0")
     return float(atol), float(rtol)
 
 

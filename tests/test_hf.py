@@ -243,7 +243,7 @@ def test_pretrained_from_a_local_folder_is_checked_like_hub_weights(tmp_path, ca
     save_task(model, ckpt)
     task = read_task(ckpt)
     assert task.base["source"] == "hf-folder:vit-weights"
-    with pytest.raises(UsageError, match="--pretrained"):
+    with pytest.raises(UsageError, match="`pretrained`"):
         build_model(task)
     rebuilt = build_model(task, pretrained=True)
     x = example_input(model, batch=2)

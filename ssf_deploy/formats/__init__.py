@@ -71,7 +71,7 @@ def read_task(path: str) -> Task:
         raise CheckpointError(f"cannot read {path}: {first_line(e)}") from None
     if kind == "onnx":
         raise CheckpointError(f"{path} is an ONNX model, not a checkpoint: pass the training "
-                              f"checkpoint (.pt) or a task pack, and the ONNX with --onnx")
+                              f"checkpoint (.pt) or a task pack, and the ONNX as `onnx`")
     if kind == "safetensors":
         if pack.is_pack(path):
             return pack.read_pack(path)

@@ -43,7 +43,7 @@ def save_pack(model: nn.Module, path: str, *, arch: Optional[str] = None,
                          "model's forward needs graph edits (" + ", ".join(edits_of(model)) + ")")
     arch = arch or rec.get("arch")
     if not arch:
-        raise UsageError("cannot write a pack without the architecture name (pass --model)")
+        raise UsageError("cannot write a pack without the architecture name: give `arch`")
     kwargs = model_kwargs if model_kwargs is not None else rec.get("kwargs", {})
     prov = provenance_of(model) or {}
     image_size = prov.get("image_size") or input_size(model)[1]

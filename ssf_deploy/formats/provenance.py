@@ -97,15 +97,15 @@ def check_base(model: nn.Module, task_state: dict, record: Optional[dict], *,
             raise BaseMismatchError(
                 f"the checkpoint records no base hash (written before ssf-deploy 0.2), so "
                 f"{what} cannot be checked against the base it was trained on; pass "
-                f"--allow-base-mismatch to deploy it anyway (the report will say so)")
+                f"`allow_base_mismatch` to deploy it anyway (the report will say so)")
         out["status"] = "unrecorded-overridden"
     elif expected != actual:
         if not allow_mismatch:
             raise BaseMismatchError(
                 f"{what} are not the base this task was trained on: expected {expected} "
                 f"({describe_source(record)}, {record.get('tensors', '?')} tensors), got {actual} "
-                f"({len(keys)} tensors); pass the right --base-weights (or "
-                f"--allow-base-mismatch to override, loudly)")
+                f"({len(keys)} tensors); give the right `base_weights` (or "
+                f"`allow_base_mismatch` to override, loudly)")
         out["status"] = "mismatch-overridden"
     else:
         out["status"] = "verified"

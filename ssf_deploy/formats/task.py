@@ -185,10 +185,10 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
     """
     arch = arch or task.arch
     if not arch:
-        raise UsageError("the checkpoint does not name its architecture: pass --model ARCH")
+        raise UsageError("the checkpoint does not name its architecture: give `arch`")
     num_classes = num_classes or task.num_classes or num_classes_from(task.state)
     if not num_classes:
-        raise UsageError("cannot tell the number of classes: pass --num-classes C")
+        raise UsageError("cannot tell the number of classes: give `num_classes`")
     record = task.base
     init_seed = None
     if task.complete or base_weights or pretrained:
@@ -196,18 +196,18 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
     elif record and record.get("source") == "random-init" and record.get("init_seed") is not None:
         init_seed = int(record["init_seed"])
     elif record:
-        hint = "--pretrained" if str(record.get("source", "")).startswith(
-            ("timm-hub:", "hf-hub:", "hf-folder:")) else "--base-weights FILE"
+        hint = "`pretrained`" if str(record.get("source", "")).startswith(
+            ("timm-hub:", "hf-hub:", "hf-folder:")) else "`base_weights`"
         raise UsageError(f"{task.path or 'the task'} was trained on {describe_base(record)}: "
                          f"pass {hint}")
     elif task.source == "pack":
-        raise UsageError("a pack holds only the task: pass --base-weights FILE "
-                         "(or --pretrained to fetch the base from the timm hub)")
+        raise UsageError("a pack holds only the task: give its base in `base_weights` "
+                         "(or `pretrained` to fetch it from the timm hub)")
     else:
         init_seed = _legacy_seed(task)
         if init_seed is None:
             raise UsageError(f"{task.path or 'the task'} needs its base weights: pass "
-                             f"--base-weights FILE or --pretrained")
+                             f"`base_weights` or `pretrained`")
     model = create_base_model(arch, num_classes, pretrained=pretrained, pretrained_file=base_weights,
                               init_seed=init_seed, edits=task.edits, **task.model_kwargs)
     apply_method(model, task.method, **task.options)

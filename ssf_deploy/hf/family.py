@@ -161,7 +161,7 @@ class TransformersFamily(ModelFamily):
             raise BaseMismatchError(f"the weights of {ident} do not fit this "
                                     f"{type(model).__name__} ({len(fresh)} tensor(s) would be "
                                     f"initialised at random, first '{fresh[0]}'; another "
-                                    f"--image-size or --model-arg than the checkpoint's?)")
+                                    f"`image_size` or `model_kwargs` than the checkpoint's?)")
         return model
 
     def source(self, arch: str) -> str:

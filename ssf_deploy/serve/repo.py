@@ -286,6 +286,14 @@ def latest_version(model_dir: str) -> Optional[ModelVersion]:
     return None
 
 
+def _write_model_files(model_dir: str, table: dict, text: str) -> None:
+    """The model folder's own tasks.json and config.pbtxt (the newest version's), together."""
+    with OutputSet(manifest=False) as outs:
+        _write_json(outs.add(os.path.join(model_dir, TASKS_FILE)), table)
+        with open(outs.add(os.path.join(model_dir, "config.pbtxt")), "w") as fh:
+            fh.write(text)
+
+
 def read_model(repo: str, model: Optional[str] = None) -> str:
     """The model folder to serve: ``repo/<model>``, the repository's only ONNX model, or
     ``repo`` itself when it is a model folder. One line naming the choices otherwise."""
@@ -307,7 +315,7 @@ def read_model(repo: str, model: Optional[str] = None) -> str:
                          f"write one with ssf-deploy bundle ... --triton-repo {repo}")
     if len(found) > 1:
         raise UsageError(f"{repo} holds several models ({', '.join(found)}): name one with "
-                         f"--model")
+                         f"`model`")
     return os.path.join(repo, found[0])
 
 
@@ -460,10 +468,7 @@ def _publish(repo: str, model: str, fill, *, kind_check: Optional[str] = None,
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-    with OutputSet(manifest=False) as outs:
-        _write_json(outs.add(os.path.join(model_dir, TASKS_FILE)), table)
-        with open(outs.add(os.path.join(model_dir, "config.pbtxt")), "w") as fh:
-            fh.write(text)
+    _write_model_files(model_dir, table, text)
     return version, sig, {f"{model}/{version}/{k}": v for k, v in files.items()}
 
 
@@ -534,10 +539,7 @@ def _trt_variant(repo: str, model: str, engine: str, source: str, sig: Signature
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-    with OutputSet(manifest=False) as outs:
-        _write_json(outs.add(os.path.join(model_dir, TASKS_FILE)), table)
-        with open(outs.add(os.path.join(model_dir, "config.pbtxt")), "w") as fh:
-            fh.write(text)
+    _write_model_files(model_dir, table, text)
     return name, files
 
 
@@ -569,7 +571,7 @@ def write_triton_repo(source: str, repo: str, *, model: Optional[str] = None,
                         [os.path.join(repo, model, "config.pbtxt")])
     if engine:
         if sig.kind != "bundle":
-            raise UsageError("--engine adds the TensorRT variant of a task bundle")
+            raise UsageError("`engine` adds the TensorRT variant of a task bundle")
         name, more = _trt_variant(repo, model, engine, source, sig, max_batch_size,
                                   queue_delay_us)
         report.files.update(more)
