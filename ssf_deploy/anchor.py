@@ -10,6 +10,7 @@ from torch import nn
 
 from .formats.provenance import checked_probe_inputs
 from .formats.task import provenance_of
+from .models import batch_len, batch_slice, input_extent, sample_shape
 from .verify import VerifyReport, compare, run_outputs
 
 __all__ = ["GoldenProbe", "anchor_of", "golden_of", "check_golden"]
@@ -30,11 +31,12 @@ class GoldenProbe:
 
     @property
     def image_size(self) -> int:
-        return int(self.inputs.shape[-1])
+        return input_extent(self.inputs)   # image size, or a text probe's sequence length
 
     def check(self, candidate, name: str, *, atol: float, rtol: float,
               per_sample: bool = False) -> VerifyReport:
-        batches = [self.inputs[i:i + 1] for i in range(self.inputs.shape[0])] if per_sample \
+        n = batch_len(self.inputs)
+        batches = [batch_slice(self.inputs, i, i + 1) for i in range(n)] if per_sample \
             else [self.inputs]
         return compare([self.logits], run_outputs(candidate, batches), atol=atol, rtol=rtol,
                        names=["logits"], ref_name=f"recorded {self.recorded} (golden probe)",
@@ -71,7 +73,7 @@ def golden_of(model: nn.Module) -> Optional[GoldenProbe]:
 def check_golden(golden: Optional[GoldenProbe], candidate, name: str, *, chw: tuple, atol: float,
                  rtol: float, per_sample: bool) -> Optional[VerifyReport]:
     """``golden.check`` when the probe's inputs have the candidate's input shape ``chw``, else
-    None (a probe recorded at another resolution cannot be compared)."""
-    if golden is None or tuple(golden.inputs.shape[1:]) != tuple(chw):
+    None (a probe recorded at another resolution, or a text probe, cannot be compared)."""
+    if golden is None or sample_shape(golden.inputs) != list(chw):
         return None
     return golden.check(candidate, name, atol=atol, rtol=rtol, per_sample=per_sample)

@@ -25,6 +25,7 @@ from .fileio import OutputSet, atomic_path, check_writable, manifest_path, save_
 from .anchor import GoldenProbe, anchor_of
 from .formats.task import provenance_of
 from .fuse import FuseReport, fuse_with_report
+from .models import batch_len, batch_slice, input_extent, sample_shape
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, compare, run_outputs
 
 __all__ = ["deploy", "DeployReport", "graph_stats_cached", "GoldenProbe", "anchor_of"]
@@ -234,7 +235,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     with _stage(report, "reconstruction vs recorded", progress):
         golden_check(model, "unfused (rebuilt)")
     with _stage(report, "fuse", progress):
-        fused, report.fuse = fuse_with_report(model, inputs[0][:2],
+        fused, report.fuse = fuse_with_report(model, batch_slice(inputs[0], 0, 2),
                                               allow_extra_nodes=allow_extra_nodes)
     with _stage(report, "reference outputs", progress):
         reference = run_outputs(model, inputs)
@@ -257,7 +258,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
     with OutputSet() as outs:
         if out:
             tmp = outs.add(out)
-            example = inputs[0][:1]
+            example = batch_slice(inputs[0], 0, 1)
             with _stage(report, "export", progress):
                 info = export_onnx(fused, tmp, example=example, opset=opset,
                                    dynamic_batch=dynamic_batch, simplify=simplify,
@@ -271,7 +272,7 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                         model, info, example, opset=opset, dynamic_batch=dynamic_batch,
                         simplify=simplify, fresh=compare_graph == "always" or not graph_key,
                         key=dict(graph_key or {}, opset=opset, dynamic_batch=dynamic_batch,
-                                 simplify=simplify, shape=list(example.shape[1:]),
+                                 simplify=simplify, shape=sample_shape(example),
                                  base=(prov.get("base_check") or {}).get("actual")))
                 (n_mine, mine), (n_base, theirs) = (
                     _graph(info if stage == "simplified" else info["exported"], stage),
@@ -291,15 +292,15 @@ def deploy(model: nn.Module, inputs: Sequence[torch.Tensor], *, out: Optional[st
                         "untrained base) differently; compare with a trained base"
                         + ("" if report.fuse.added else ", or see the fuse report"))
             with _stage(report, "verify onnxruntime", progress):
-                batches = inputs if dynamic_batch else [x[i:i + 1] for x in inputs
-                                                        for i in range(x.shape[0])]
+                batches = inputs if dynamic_batch else [batch_slice(x, i, i + 1) for x in inputs
+                                                        for i in range(batch_len(x))]
                 runner = OrtRunner(tmp)
                 r = check("fused (onnxruntime)", runner, batches)
                 if not r.passed:
                     fail(f"onnxruntime output does not match the unfused model{_because(r)}")
-                if golden is not None and golden.image_size != example.shape[-1]:
+                if golden is not None and golden.image_size != input_extent(example):
                     report.notes.append(f"golden probe recorded at {golden.image_size} px, ONNX "
-                                        f"exported at {example.shape[-1]} px: not compared")
+                                        f"exported at {input_extent(example)} px: not compared")
                 else:
                     golden_check(runner, "fused (onnxruntime)", per_sample=not dynamic_batch)
             if strict_graph and report.onnx["same_graph_as_base"] is False:

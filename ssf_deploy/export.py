@@ -24,7 +24,7 @@ from torch import nn
 from .errors import SSFDeployError, find_os_error, first_line
 from .fileio import atomic_path, scratch_path
 from .fuse import FP16_MAX
-from .models import example_input
+from .models import call_args, example_input, family_of, inputs_to
 from .runtime import OrtRunner  # noqa: F401 - moved to the runtime layer; imported from here too
 
 __all__ = ["export_onnx", "export_proto", "graph_stats", "OrtRunner", "initializer_map",
@@ -82,13 +82,16 @@ def export_proto(model: nn.Module, *, example: Optional[torch.Tensor] = None,
 
 def _torchscript(model, example, opset, dynamic_batch, f) -> None:
     """The recipe's exporter, into ``f`` (a file object or a path)."""
-    dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    family = family_of(model)   # another model family names its own inputs and outputs
+    names = family.onnx_names(model, example) if family else ([INPUT_NAME], [OUTPUT_NAME])
+    dyn = {n: {0: "batch"} for n in names[0] + names[1]} if dynamic_batch else None
+    args, kwargs = call_args(inputs_to(example, dtype=torch.float32))   # named inputs: keywords
     try:
         # the TorchScript exporter prints its whole IR graph on failure: keep stdout clean
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example.float(),), f, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            torch.onnx.export(model, args, f, kwargs=kwargs, dynamo=False, opset_version=opset,
+                              input_names=names[0], output_names=names[1],
                               dynamic_axes=dyn, do_constant_folding=True)
     except Exception as e:
         if find_os_error(e) is not None:

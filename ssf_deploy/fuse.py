@@ -39,12 +39,14 @@ from torch import nn
 
 from .errors import FuseError, first_line
 from .layers.scale_shift import ssf_mode
-from .models import (apply_edits, creation_record, describe_edit, edits_of, example_input,
-                     plain_architecture, plain_state)
+from .models import (CREATE_RECORD, apply_edits, call_args, creation_record, describe_edit,
+                     edits_of, example_input, family_of, inputs_to, plain_architecture,
+                     plain_state)
 from .runtime.keys import key_diff
 from .tuners import get_tuner, method_of, unload
 
-__all__ = ["fuse", "fuse_with_report", "fuse_many", "FuseReport", "Fold", "FP16_MAX", "base_of"]
+__all__ = ["fuse", "fuse_with_report", "fuse_many", "fold_ssf", "FuseReport", "Fold", "FP16_MAX",
+           "base_of"]
 
 FP16_MAX = 65504.0   # the largest finite float16
 
@@ -179,13 +181,13 @@ def _trace(model: nn.Module, example: Optional[torch.Tensor]):
         example = example_input(model, batch=2)
     ref = next(model.parameters(), None)
     if ref is not None:
-        example = example.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point()
-                             else example.dtype)
+        example = inputs_to(example, ref.device, ref.dtype if ref.is_floating_point() else None)
+    args, kwargs = call_args(example)   # a tensor, or named inputs (text: input_ids, ...)
     was_training = model.training
     model.eval()
     try:
         with ssf_mode("graph"), torch.no_grad():
-            return torch.export.export(model, (example,), strict=False)
+            return torch.export.export(model, args, kwargs, strict=False)
     except FuseError:
         raise
     except Exception as e:
@@ -582,6 +584,19 @@ def _fold_traced(ep, state, report: FuseReport, dtypes: dict) -> dict:
     return folder.finish()
 
 
+def fold_ssf(model: nn.Module, example=None) -> tuple[dict, FuseReport]:
+    """Fold every SSF of ``model`` with the graph pass above, without building anything.
+
+    Returns the tensors the fold rewrote (under ``model``'s own state-dict names, in their
+    dtypes; the SSF factors it read are among them) and the report. For tuners that keep their
+    own module structure and swap the values in place (PEFT's ``merge_and_unload``).
+    """
+    report = FuseReport()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    folded = _fold(model, state, example, report, {k: v.dtype for k, v in state.items()})
+    return {k: v for k, v in folded.items() if v is not state.get(k)}, report
+
+
 # --------------------------------------------------------------------------------------------
 # graph edits: fold them away when exact, else keep the fewest nodes (reported) or refuse
 
@@ -705,15 +720,21 @@ def _fold_residual_stream(path: str, spec: dict, fold: dict, state: dict, model:
 
 def _build_base(model: nn.Module, state: dict, report: FuseReport, kept: dict) -> nn.Module:
     rec = creation_record(model)
-    if rec is not None:
-        import timm
-        with torch.device("meta"):
-            base = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
-            apply_edits(base, kept)
-        rec = {k: v for k, v in rec.items() if k != "edits"}
-        if kept:
-            rec["edits"] = copy.deepcopy(kept)
-        base.__dict__["ssf_deploy_create"] = rec
+    family = family_of(model)   # another model family (transformers) rebuilds its own class
+    if family is not None or rec is not None:
+        if family is not None:
+            base = family.rebuild(model, rec, meta=True)
+        else:
+            import timm
+            with torch.device("meta"):
+                base = timm.create_model(rec["arch"], num_classes=rec["num_classes"],
+                                         **rec["kwargs"])
+        apply_edits(base, kept)   # on the meta device, like the base
+        if rec is not None:
+            rec = {k: v for k, v in rec.items() if k != "edits"}
+            if kept:
+                rec["edits"] = copy.deepcopy(kept)
+            base.__dict__[CREATE_RECORD] = rec
     else:
         base = copy.deepcopy(model)
         unload(base)
@@ -732,7 +753,7 @@ def _build_base(model: nn.Module, state: dict, report: FuseReport, kept: dict) -
         k, want, got = diff.wrong_shape[0]
         raise FuseError(f"fused weight {k} has shape {got}, base expects {want}")
     base.load_state_dict(state, strict=True, assign=True)
-    if rec is not None:
+    if rec is not None or family is not None:
         _materialise(base, model, rec)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -782,15 +803,21 @@ def _materialise(base: nn.Module, source: nn.Module, rec: dict) -> None:
                 value = cand
                 break
         if value is None and real is None:
-            import timm
-            real = timm.create_model(rec["arch"], num_classes=rec["num_classes"], **rec["kwargs"])
-            apply_edits(real, rec.get("edits"))
+            family = family_of(source)
+            if family is not None:
+                real = family.rebuild(source, rec, meta=False)
+            else:
+                import timm
+                real = timm.create_model(rec["arch"], num_classes=rec["num_classes"],
+                                         **rec["kwargs"])
+            apply_edits(real, (rec or {}).get("edits"))
             owner = real.get_submodule(mod_name) if mod_name else real
             value = owner._buffers.get(attr) if is_buffer else vars(owner).get(attr)
         if not isinstance(value, torch.Tensor) or value.is_meta:
+            arch = (rec or {}).get("arch") or type(source).__name__
             raise FuseError(f"cannot materialise {mod_name + '.' if mod_name else ''}{attr} of the "
-                            f"fused {rec['arch']}: it is not in the state dict and neither the tuned "
-                            f"model nor a fresh {rec['arch']} has it")
+                            f"fused {arch}: it is not in the state dict and neither the tuned "
+                            f"model nor a fresh {arch} has it")
         owner = base.get_submodule(mod_name) if mod_name else base
         value = value.detach().to("cpu", copy=True)
         if is_buffer:

@@ -17,6 +17,8 @@ from torch import nn
 from .anchor import anchor_of, golden_of
 from .errors import UsageError, VerificationError
 from .fuse import fuse
+from .models import (batch_len, batch_slice, call_model, input_extent, inputs_to, logits_of,
+                     sample_shape)
 from .runtime import OrtRunner
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, compare, run_outputs
 
@@ -33,8 +35,9 @@ class HalfModel(nn.Module):
         self.model = model.to(self.device).half()
         self.label = f"fused fp16 ({self.device})"
 
-    def forward(self, x):
-        return self.model(x.to(self.device).half()).float().cpu()
+    def forward(self, x):   # an image batch, or named inputs (token ids stay integers)
+        return logits_of(call_model(self.model, inputs_to(x, self.device, torch.float16))
+                         ).float().cpu()
 
 
 @dataclass
@@ -66,8 +69,9 @@ def _onnx_candidate(path: str, inputs: list) -> tuple:
     runner = OrtRunner(path)
     shape = runner.session.get_inputs()[0].shape
     static = isinstance(shape[0], int)
-    if static and shape[0] != inputs[0].shape[0]:
-        inputs = [x[i:i + shape[0]] for x in inputs for i in range(0, x.shape[0], shape[0])]
+    if static and shape[0] != batch_len(inputs[0]):
+        inputs = [batch_slice(x, i, i + shape[0]) for x in inputs
+                  for i in range(0, batch_len(x), shape[0])]
     if len(shape) == 4 and isinstance(shape[2], int) and shape[2] != inputs[0].shape[2]:
         raise UsageError(f"{path} expects {shape[2]}x{shape[3]} inputs, the model "
                          f"{inputs[0].shape[2]}x{inputs[0].shape[3]}: give `image_size`")
@@ -85,7 +89,7 @@ def check_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], *,
     when any comparison fails."""
     inputs = list(inputs)
     golden = golden_of(model)
-    fused = fuse(model, inputs[0][:2], allow_extra_nodes=allow_extra_nodes)
+    fused = fuse(model, batch_slice(inputs[0], 0, 2), allow_extra_nodes=allow_extra_nodes)
     candidates = [("fused (PyTorch)", HalfModel(fused) if fp16 else fused, False, inputs)]
     if onnx:
         runner, static, onnx_inputs = _onnx_candidate(onnx, inputs)
@@ -95,7 +99,7 @@ def check_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], *,
         report.reports.append(golden.check(model, "unfused (rebuilt)", atol=atol, rtol=rtol))
     references: dict = {}
     for label, cand, static, batches in candidates:
-        key = tuple(tuple(x.shape) for x in batches)
+        key = tuple((batch_len(x), repr(sample_shape(x))) for x in batches)
         if key not in references:        # the unfused model runs once per input split
             references[key] = run_outputs(model, batches)
         label = getattr(cand, "label", label) if fp16 and "onnx" not in label else label
@@ -103,7 +107,7 @@ def check_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], *,
                                   rtol=rtol, names=["logits"], ref_name="unfused (PyTorch)",
                                   cand_name=label)
         report.reports.append(r)
-        if golden is not None and golden.image_size == batches[0].shape[-1]:
+        if golden is not None and golden.image_size == input_extent(batches[0]):
             report.reports.append(golden.check(cand, label, atol=atol, rtol=rtol,
                                                per_sample=static))
     if not report.passed:

@@ -11,16 +11,16 @@ from torch import nn
 
 from .errors import (BaseMismatchError, CheckpointError, SSFDeployError, UsageError,
                      first_line)
+from .families import CREATE_RECORD, ModelFamily, family_for, family_of, register_family
 from .fileio import check_manifest
 from .runtime.keys import key_diff
 
 __all__ = ["resolve_arch", "create_base_model", "load_base_weights", "creation_record",
            "input_size", "head_modules", "count_params", "example_input", "sized_kwargs",
-           "check_finite", "ChannelAffine", "apply_edits", "plain_architecture", "edit_state",
-           "plain_state",
-           "edits_of", "describe_edit", "EDIT_KINDS"]
-
-CREATE_RECORD = "ssf_deploy_create"
+           "ModelFamily", "register_family", "family_of", "family_for", "call_args", "call_model",
+           "batch_len", "batch_slice", "inputs_to", "input_extent", "sample_shape", "logits_of",
+           "token_batch", "check_finite", "ChannelAffine", "apply_edits", "plain_architecture",
+           "edit_state", "plain_state", "edits_of", "describe_edit", "EDIT_KINDS"]
 
 
 def check_finite(tensors, where: str, names: Optional[dict] = None) -> None:
@@ -55,6 +55,9 @@ def resolve_arch(arch: str) -> str:
         from timm.models._registry import _deprecated_models
     except ImportError:  # pragma: no cover - older/newer timm without the private table
         _deprecated_models = {}
+    fam = family_for(arch)
+    if fam is not None:
+        return fam.resolve(arch)
     arch = _deprecated_models.get(arch, arch) or arch
     if not timm.is_model(arch.split(".")[0]) and not timm.is_model(arch):
         raise UsageError(f"unknown timm model '{arch}' (see timm.list_models())")
@@ -81,8 +84,13 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
         raise CheckpointError(f"weights file not found: {pretrained_file}")
     if init_seed is not None:
         torch.manual_seed(int(init_seed))
+    fam = family_for(arch)
     try:
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes), **kwargs)
+        if fam is not None:
+            model = fam.create(arch, int(num_classes), pretrained=pretrained, **kwargs)
+        else:
+            model = timm.create_model(arch, pretrained=pretrained, num_classes=int(num_classes),
+                                      **kwargs)
     except SSFDeployError:
         raise
     except Exception as e:
@@ -93,6 +101,9 @@ def create_base_model(arch: str, num_classes: int, *, pretrained: bool = False,
     if pretrained_file is not None:
         load_base_weights(model, pretrained_file, arch=arch)
         source = f"file:{os.path.basename(pretrained_file)}"
+    elif pretrained and fam is not None:
+        check_finite(model.state_dict(), f"the {fam.name} weights of {arch}")
+        source = fam.source(arch)
     elif pretrained:
         check_finite(model.state_dict(), f"the timm hub weights of {arch}")
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -301,6 +312,9 @@ def creation_record(model: nn.Module) -> Optional[dict]:
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model expects; a patch embedding's own size wins over the default config."""
+    fam = family_of(model)
+    if fam is not None:
+        return fam.input_size(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
     from timm.layers import PatchEmbed
@@ -313,6 +327,9 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
     """The classifier module(s): always trainable, never carrying tuning modules."""
+    fam = family_of(model)
+    if fam is not None:
+        return fam.head_modules(model)
     if hasattr(model, "get_classifier"):
         head = model.get_classifier()
         heads = list(head) if isinstance(head, (tuple, list)) else [head]
@@ -335,6 +352,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def example_input(model: nn.Module, batch: int = 2, image_size: Optional[int] = None,
                   seed: int = 0) -> torch.Tensor:
+    fam = family_of(model)
+    if fam is not None:   # e.g. text: {"input_ids", "attention_mask"}
+        return fam.example_input(model, batch, image_size, seed)
     c, h, w = input_size(model)
     if image_size:
         h = w = int(image_size)
@@ -353,6 +373,9 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
     Convolutional models run at any size and reject ``img_size``; we find out by building the
     model on the meta device, which costs no memory and downloads nothing.
     """
+    fam = family_for(arch)
+    if fam is not None:
+        return fam.sized_kwargs(arch, dict(model_kwargs or {}), image_size)
     kwargs = dict(model_kwargs or {})
     try:
         model = _meta_model(arch, kwargs)
@@ -375,3 +398,79 @@ def sized_kwargs(arch: str, model_kwargs: dict, image_size: Optional[int]) -> tu
         except (ValueError, AssertionError, RuntimeError) as e:
             raise UsageError(f"{arch} cannot run at `image_size` {size}: {first_line(e)}") from None
     return kwargs, size
+
+
+# A model input ("batch") is a tensor (one image input) or a mapping of named tensors (text:
+# input_ids/attention_mask); the pipeline slices, moves and feeds both through these helpers. The
+# model-family registry itself is :mod:`ssf_deploy.families` (re-exported here).
+
+
+def token_batch(batch: int, length: int, vocab: int, seed: int) -> dict:
+    """Random text inputs drawn from ``seed``: ids uniform in ``[0, vocab)``, each row's mask one
+    for a random length in ``[length/2, length]`` (so padding is exercised)."""
+    g = torch.Generator().manual_seed(int(seed))
+    ids = torch.randint(0, int(vocab), (int(batch), int(length)), generator=g)
+    lengths = torch.randint((int(length) + 1) // 2, int(length) + 1, (int(batch),), generator=g)
+    mask = (torch.arange(int(length))[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def call_args(x) -> tuple[tuple, dict]:
+    """(args, kwargs) that feed a batch to a model."""
+    from collections.abc import Mapping
+    return ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
+
+
+def call_model(model, x):
+    args, kwargs = call_args(x)
+    return model(*args, **kwargs)
+
+
+def _first(x) -> torch.Tensor:
+    from collections.abc import Mapping
+    return next(iter(x.values())) if isinstance(x, Mapping) else x
+
+
+def batch_len(x) -> int:
+    return int(_first(x).shape[0])
+
+
+def batch_slice(x, start: int, stop: int):
+    from collections.abc import Mapping
+    if isinstance(x, Mapping):
+        return {k: v[start:stop] for k, v in x.items()}
+    return x[start:stop]
+
+
+def inputs_to(x, device=None, dtype: Optional[torch.dtype] = None):
+    """Move a batch; only floating tensors take ``dtype`` (token ids stay integers)."""
+    from collections.abc import Mapping
+
+    def move(t):
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
+                    else t.dtype)
+    return {k: move(v) for k, v in x.items()} if isinstance(x, Mapping) else move(x)
+
+
+def input_extent(x) -> int:
+    """Image size (last spatial dim) or sequence length of a batch."""
+    return int(_first(x).shape[-1])
+
+
+def sample_shape(x):
+    """Per-sample shape(s) of a batch (a key for cached graph statistics)."""
+    from collections.abc import Mapping
+    if isinstance(x, Mapping):
+        return {k: list(v.shape[1:]) for k, v in sorted(x.items())}
+    return list(x.shape[1:])
+
+
+def logits_of(out) -> torch.Tensor:
+    """The classifier output of a forward: a tensor, a model output's ``logits`` (or its first
+    field), or the first element of a tuple."""
+    from collections.abc import Mapping
+    if isinstance(out, Mapping):
+        return out["logits"] if "logits" in out else next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out

@@ -33,8 +33,9 @@ from .fileio import check_writable, plain as _plain
 from .formats.checkpoint import (FORMAT, load_checkpoint, save_checkpoint, serialized_size,
                                  task_record)
 from .formats.provenance import base_record, describe_base
-from .models import (check_finite, count_params, create_base_model, creation_record, resolve_arch,
-                     sized_kwargs)
+from .models import (check_finite, count_params, create_base_model, creation_record, input_size,
+                     logits_of, resolve_arch, sized_kwargs)
+from .runtime import data_config
 from .tuners import apply_method, load_trainable_state, method_of, trainable_state_dict
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "default_out"]
@@ -240,7 +241,7 @@ def _probe(model: nn.Module, size: int, device: torch.device) -> list[str]:
     try:
         with torch.enable_grad():
             out = model(torch.zeros(2, 3, size, size, device=device))
-            outs = out if isinstance(out, (tuple, list)) else [out]
+            outs = out if isinstance(out, (tuple, list)) else [logits_of(out)]
             sum(o.float().sum() for o in outs).backward()
         unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     finally:
@@ -267,7 +268,7 @@ def evaluate(model: nn.Module, loader, device, amp: bool = False) -> float:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx:
-                out = model(x)
+                out = logits_of(model(x))
             correct += int((out.argmax(-1) == y).sum())
             total += int(y.numel())
     finally:
@@ -403,7 +404,7 @@ class _Run:
 
 def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
     """Data, model (+ its base record), optimiser, schedule, loss, and the resumed state."""
-    from timm.data import Mixup, resolve_data_config
+    from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -424,6 +425,10 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
 
     _seed_all(cfg.seed)   # same initial weights (random head, SSF/prompt init) on every rank
     model = _build_model(arch, num_classes, model_kwargs, cfg)
+    if input_size(model)[0] < 1:   # a text model (transformers)
+        raise SSFDeployError(f"{arch} is a text model; 'train' reads image folders: fine-tune it "
+                             f"with transformers.Trainer and ssf_deploy.peft, or your own loop "
+                             f"and ssf_deploy.save_task")
     options = method_of(model)["options"]
     rec = creation_record(model) or {}
     # the frozen base never changes while training: hash it once, before the first step
@@ -438,7 +443,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run:
     crop_scale = cfg.crop_scale or ((0.5, 1.0) if is_builtin_dir(data_dir) else None)
     loaders = make_loaders(data_dir, image_size=size, batch_size=cfg.batch_size,
                            workers=cfg.workers, seed=cfg.seed,
-                           data_config=resolve_data_config({}, model=model),
+                           data_config=data_config(model=model),   # or its family's
                            crop_scale=crop_scale, hflip=cfg.hflip,
                            color_jitter=cfg.color_jitter, rank=d.rank, world_size=d.world,
                            drop_last=True, pin_memory=device.type == "cuda")
@@ -661,7 +666,7 @@ def _train_one_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
                 x, y = x[:-1], y[:-1]
             x, y = run.mixup_fn(x, y)
         with torch.autocast("cuda", dtype=torch.float16) if run.amp else nullcontext():
-            loss = run.criterion(run.net(x), y)
+            loss = run.criterion(logits_of(run.net(x)), y)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .models import call_model, inputs_to
 
 __all__ = ["OutputComparison", "VerifyReport", "compare", "verify", "run_outputs",
            "resolve_tolerances", "DEFAULT_ATOL", "DEFAULT_RTOL", "FP16_ATOL", "FP16_RTOL"]
@@ -214,7 +215,7 @@ def verify(reference: Union[torch.nn.Module, Callable], candidate: Union[torch.n
            inputs: Union[torch.Tensor, Iterable[torch.Tensor]], *, atol: float = DEFAULT_ATOL,
            rtol: float = DEFAULT_RTOL, names: Sequence[str] | None = None) -> VerifyReport:
     """Run both on every input batch and compare all outputs, concatenated over batches."""
-    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    batches = [inputs] if isinstance(inputs, (torch.Tensor, dict)) else list(inputs)
     return compare(run_outputs(reference, batches), run_outputs(candidate, batches), atol=atol,
                    rtol=rtol, names=names, ref_name=_describe(reference),
                    cand_name=_describe(candidate))
@@ -224,5 +225,6 @@ def _call(fn, x):
     if isinstance(fn, torch.nn.Module):
         ref = next(fn.parameters(), None)
         if ref is not None:
-            x = x.to(device=ref.device, dtype=ref.dtype)
+            x = inputs_to(x, ref.device, ref.dtype)
+        return call_model(fn, x)   # named inputs (text) as keyword arguments
     return fn(x)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BaseMismatchError, CheckpointError
+from ..models import ModelFamily, batch_len, call_model, family_of, logits_of, token_batch
 
 __all__ = ["hash_tensors", "base_keys", "base_record", "check_base", "record_probe",
            "probe_inputs", "PROBE_SEED", "PROBE_BATCH", "describe_base", "describe_source"]
@@ -111,12 +112,23 @@ def check_base(model: nn.Module, task_state: dict, record: Optional[dict], *,
     return out
 
 
-def probe_inputs(shape: Iterable[int], seed: int = PROBE_SEED) -> torch.Tensor:
-    return torch.randn(*[int(s) for s in shape], generator=torch.Generator().manual_seed(int(seed)))
+def probe_inputs(shape: Iterable[int], seed: int = PROBE_SEED, *, kind: str = "image",
+                 vocab: Optional[int] = None):
+    """The probe's inputs, drawn from ``seed``: an image batch ``randn(shape)``, or for
+    ``kind="tokens"`` (text models) :func:`~ssf_deploy.models.token_batch` of shape ``[B, L]``."""
+    shape = [int(s) for s in shape]
+    if kind == "image":
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed)))
+    if kind != "tokens" or len(shape) != 2 or not vocab:
+        raise CheckpointError(f"unknown golden probe input kind {kind!r} (shape {shape})")
+    return token_batch(shape[0], shape[1], int(vocab), int(seed))
 
 
-def _input_digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(memoryview(x.contiguous().view(-1).view(torch.uint8).numpy())).hexdigest()[:16]
+def _input_digest(x) -> str:
+    h = hashlib.sha256()
+    for t in (x.values() if isinstance(x, dict) else [x]):
+        h.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:16]
 
 
 def record_probe(model: nn.Module, image_size: int, in_chans: int = 3,
@@ -127,31 +139,31 @@ def record_probe(model: nn.Module, image_size: int, in_chans: int = 3,
     ref = next(model.parameters(), None)
     on_cpu_fp32 = ref is None or (ref.device.type == "cpu" and ref.dtype == torch.float32)
     net = model if on_cpu_fp32 else copy.deepcopy(model).cpu().float()
-    shape = (int(batch), int(in_chans), int(image_size), int(image_size))
-    x = probe_inputs(shape, seed)
+    spec = (family_of(net) or ModelFamily()).probe_spec(net, image_size, in_chans, batch)
+    x = probe_inputs(spec["shape"], seed, kind=spec.get("kind", "image"), vocab=spec.get("vocab"))
     was_training = net.training
     net.eval()
     try:
         with torch.inference_mode():
-            out = net(x)
+            out = logits_of(call_model(net, x))
     finally:
         net.train(was_training)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return {"seed": int(seed), "shape": list(shape), "input_sha256": _input_digest(x),
-            "logits": out.detach().float().cpu().clone(), "device": "cpu", "dtype": "float32"}
+    return {**spec, "seed": int(seed), "shape": list(spec["shape"]),
+            "input_sha256": _input_digest(x), "logits": out.detach().float().cpu().clone(),
+            "device": "cpu", "dtype": "float32"}
 
 
 def checked_probe_inputs(probe: dict) -> torch.Tensor:
     """Regenerate a recorded probe's inputs, refusing if this torch draws different numbers."""
     try:
-        x = probe_inputs(probe["shape"], probe["seed"])
+        x = probe_inputs(probe["shape"], probe["seed"], kind=probe.get("kind", "image"),
+                         vocab=probe.get("vocab"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"malformed golden probe record: {e}") from None
     if probe.get("input_sha256") and _input_digest(x) != probe["input_sha256"]:
         raise CheckpointError("the golden probe's inputs cannot be regenerated bit for bit by "
                               "this torch version (the random generator changed)")
     logits = probe.get("logits")
-    if not isinstance(logits, torch.Tensor) or logits.shape[0] != x.shape[0]:
+    if not isinstance(logits, torch.Tensor) or logits.shape[0] != batch_len(x):
         raise CheckpointError("malformed golden probe record: logits missing or of the wrong size")
     return x

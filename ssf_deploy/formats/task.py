@@ -132,8 +132,13 @@ def check_task(task: Task) -> Task:
         if not isinstance(probe, dict):
             bad("probe", probe, "a dict (the golden probe record)")
         shape = probe.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(s, 1) for s in shape)):
-            bad("probe.shape", shape, "[batch, channels, height, width]")
+        tokens = probe.get("kind") == "tokens"   # a text model's probe: [batch, length] ids
+        if tokens and not _is_int(probe.get("vocab"), 1):
+            bad("probe.vocab", probe.get("vocab"), "a positive integer (vocabulary size)")
+        if not (isinstance(shape, list) and len(shape) == (2 if tokens else 4)
+                and all(_is_int(s, 1) for s in shape)):
+            bad("probe.shape", shape, "[batch, length]" if tokens else
+                "[batch, channels, height, width]")
         if not _is_int(probe.get("seed")):
             bad("probe.seed", probe.get("seed"), "an integer seed")
         logits = probe.get("logits")
@@ -143,7 +148,7 @@ def check_task(task: Task) -> Task:
                 (classes is None or logits.shape[1] == classes)):
             bad("probe.logits", logits, f"a float tensor of shape ({shape[0]}, "
                 f"{classes if classes is not None else 'classes'})")
-        for field in ("input_sha256", "recorded", "device", "dtype"):
+        for field in ("input_sha256", "recorded", "device", "dtype", "kind"):
             if field in probe and not isinstance(probe[field], str):
                 bad(f"probe.{field}", probe[field], "a string")
         check_finite({"probe.logits": logits}, where)
@@ -191,8 +196,8 @@ def build_model(task: Task, *, arch: Optional[str] = None, num_classes: Optional
     elif record and record.get("source") == "random-init" and record.get("init_seed") is not None:
         init_seed = int(record["init_seed"])
     elif record:
-        hint = "`pretrained`" if str(record.get("source", "")).startswith("timm-hub:") else \
-            "`base_weights`"
+        hint = "`pretrained`" if str(record.get("source", "")).startswith(
+            ("timm-hub:", "hf-hub:", "hf-folder:")) else "`base_weights`"
         raise UsageError(f"{task.path or 'the task'} was trained on {describe_base(record)}: "
                          f"pass {hint}")
     elif task.source == "pack":

@@ -7,7 +7,8 @@
 * :mod:`.keys` — the one missing / unexpected / wrong-shape key diff.
 
 File hashes are :func:`ssf_deploy.fileio.sha256_of`. This layer imports nothing of the package
-above :mod:`ssf_deploy.fileio`, so every module above it can use it.
+above :mod:`ssf_deploy.families` (the model-family registry, which the image data config asks),
+so every module above it can use it.
 """
 from .images import IMAGE_EXTS, ImageBatches, data_config, eval_transform, image_files, load_images
 from .keys import KeyDiff, key_diff

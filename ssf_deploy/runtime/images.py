@@ -1,5 +1,6 @@
-"""Images from a folder through timm's eval transform: the one walk and the one extension list
-(INT8 calibration, engine inputs, ``--inputs DIR`` of fuse/verify all read the same files)."""
+"""Images from a folder through timm's eval transform (another model family's data config where
+the model has one): the one walk and the one extension list (INT8 calibration, engine inputs,
+``--inputs DIR`` of fuse/verify all read the same files)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import CheckpointError, UsageError, first_line
+from ..families import family_for, family_of
 
 __all__ = ["IMAGE_EXTS", "image_files", "data_config", "eval_transform", "load_images",
            "ImageBatches"]
@@ -41,13 +43,20 @@ def _meta_model(arch: str):
 def data_config(arch: Optional[str] = None, *, model=None, chw: Optional[Sequence[int]] = None
                 ) -> dict:
     """timm's data config (mean, std, crop, interpolation) of ``model`` or of ``arch``, at the
-    input size ``chw`` (C, H, W) when given: what training evaluated with."""
+    input size ``chw`` (C, H, W) when given: what training evaluated with. A model of another
+    family (:mod:`ssf_deploy.families`; e.g. transformers: its image processor's normalisation)
+    gives its own."""
     from timm.data import resolve_data_config
-    if model is None:
-        if not arch:
-            raise UsageError("the eval transform needs `arch` (a timm architecture) or `model`")
-        model = _meta_model(arch)
-    cfg = resolve_data_config({}, model=model)
+    family = family_of(model) if model is not None else family_for(arch)
+    if family is not None:
+        cfg = family.data_config(model, arch=arch)
+    else:
+        if model is None:
+            if not arch:
+                raise UsageError("the eval transform needs `arch` (a timm architecture) or "
+                                 "`model`")
+            model = _meta_model(arch)
+        cfg = resolve_data_config({}, model=model)
     if chw is not None:
         cfg["input_size"] = tuple(int(v) for v in chw)
     return cfg

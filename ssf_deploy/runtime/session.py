@@ -106,7 +106,9 @@ class OrtRunner:
     """Run an ONNX model in onnxruntime as a callable on torch tensors.
 
     ``runner(x)`` feeds the first input; ``runner(images, task)`` the inputs in graph order;
-    ``runner({"images": x, "task": t})`` or ``runner(images=x, task=t)`` by name. Returns every output as a CPU tensor.
+    ``runner({"images": x, "task": t})`` or ``runner(images=x, task=t)`` by name (a text
+    batch: ``runner({"input_ids": ..., "attention_mask": ...})``). Returns every output as a
+    CPU tensor.
     ``providers`` (attribute) lists the execution providers the session really runs on,
     whatever was asked for. Other keywords go to :func:`ort_session`.
     """
@@ -123,16 +125,22 @@ class OrtRunner:
 
     def feed(self, *args, **named) -> dict:
         """``{input name: ndarray}`` from positional tensors (graph order), one mapping or
-        keywords (by name)."""
+        keywords (by name). Names the graph does not take are left out: a text batch carries
+        inputs the exporter may have pruned (a misspelt name still fails, as a missing input)."""
         named = bind_inputs(self.inputs, args, named)
         return {n: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-                for n, v in named.items()}
+                for n, v in named.items() if n in self.inputs}
 
     def __call__(self, *args, **named):
         feed = self.feed(*args, **named)
         specs = {s.name: s for s in self.session.get_inputs()}
-        for n, v in feed.items():     # images arrive as float tensors of any float dtype
-            if specs[n].type == "tensor(float)" and v.dtype != np.float32:
-                feed[n] = v.astype(np.float32)
+        for n, v in feed.items():     # each in the graph's element type: images arrive as
+            want = _NP_TYPES.get(specs[n].type)   # any float, token ids as int64 or int32
+            if want is not None and v.dtype != want:
+                feed[n] = v.astype(want)
         return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(bool)": np.bool_}
 

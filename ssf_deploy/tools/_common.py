@@ -75,6 +75,9 @@ def make_inputs(spec: str, model, batch_size: int, image_size: Optional[int],
     if not os.path.isdir(spec):
         raise UsageError(f"--inputs must be a number of random batches or a folder of images: "
                          f"{spec!r} is neither")
+    if input_size(model)[0] < 1:
+        raise UsageError(f"--inputs {spec}: a folder of images, but {type(model).__name__} is a "
+                         f"text model (pass a number of random batches)")
     from ..runtime import eval_transform, image_files, load_images
     chw = (3, image_size, image_size) if image_size else input_size(model)
     files = image_files(spec)

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..layers.scale_shift import (LeanPolicy, ResidualSlot, current_mode, layer_norm_recompute,
                                   layer_norm_scale_shift, linear_scale_shift, scale_shift,
                                   scales_recoverable)
-from ..models import head_modules
+from ..models import family_of, head_modules
 from .base import (Tuner, add_forward, add_hook, add_params, base_forward, owner_of, register,
                    set_owner)
 
@@ -53,8 +53,10 @@ class Site:
 
 
 def _channel_dim_of_norm(m: nn.Module) -> int:
-    if isinstance(m, nn.LayerNorm):
-        return 1 if type(m).__name__.endswith("2d") else -1
+    if isinstance(m, nn.LayerNorm):   # timm's LayerNorm2d; transformers' data_format flag
+        channels_first = type(m).__name__.endswith("2d") or \
+            getattr(m, "data_format", None) == "channels_first"
+        return 1 if channels_first else -1
     return 1
 
 
@@ -104,6 +106,7 @@ def find_sites(model: nn.Module, bias_free: bool = False) -> list[Site]:
     norm's own SSF already covers the same per-channel affine.
     """
     excluded = {id(x) for h in head_modules(model) for x in h.modules()}
+    family = family_of(model)   # another family's module names (transformers) place its sites
     sites = []
     for name, m in model.named_modules():
         if not name or id(m) in excluded:
@@ -111,10 +114,13 @@ def find_sites(model: nn.Module, bias_free: bool = False) -> list[Site]:
         spec = site_of(name, m)
         if spec is None or (_bias_free(m) and not bias_free):
             continue
-        match = _BLOCK_RE.match(name)
-        block = match.group(1) if match else None
+        place = family.site_place(name, m) if family is not None else None
+        if place is None:
+            match = _BLOCK_RE.match(name)
+            block = match.group(1) if match else None
+            place = block, _role(name, m, block)
         c, dim, before_act = spec
-        sites.append(Site(name, m, c, dim, _role(name, m, block), block, before_act))
+        sites.append(Site(name, m, c, dim, place[1], place[0], before_act))
     return sites
 
 
