@@ -7,9 +7,11 @@ For ViT-S/16 and ViT-B/16 (onnxruntime on the CPU, batch 16, fp32) and N synthet
   batch: the two sessions interleaved in one process (A B A B ...), the median of the per-pair
   ratios; checked by an independent timer (whole-process wall clock of K batches minus 0 batches,
   each session in its own fresh process);
-* resident memory with the bundle loaded (fresh process: session made, one batch run, VmRSS and
-  the high-water mark VmHWM) vs K fused models loaded in one process, K as far as they fit here,
-  extrapolated linearly past that (and said so);
+* resident memory with the bundle loaded (fresh process: session made, freed heap given back to
+  the OS as ``ssf_deploy.runtime.ort_session`` does, one batch run; VmRSS, the high-water mark
+  VmHWM, and the RSS at load before that trim) vs K fused models loaded in one process, K as far
+  as they fit here, extrapolated linearly past that (and said so); ``--memory-only`` measures it
+  again from the files a full run left;
 * the time to add a task (``ssf_deploy.add_tasks``: write its row and a new graph file, then the
   gate) and to remove one;
 * the design choices: the chosen layout (a producer's bias folded into the per-sample shift) vs
@@ -64,6 +66,11 @@ def worker(args) -> None:
     sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"])
                 for p in args.paths]
     load_s = time.perf_counter() - t0
+    untrimmed = _status()["VmRSS"]
+    # what ssf_deploy.runtime.ort_session does after making a session (release_freed_memory;
+    # not imported here: the worker stays free of torch so its RSS is onnxruntime's alone)
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
     task = rng.integers(0, max(1, args.ntasks), args.batch).astype(np.int64)
@@ -76,6 +83,7 @@ def worker(args) -> None:
     run_s = time.perf_counter() - t0
     st = _status()
     print(json.dumps({"load_s": load_s, "run_s": run_s, "rss": st["VmRSS"], "hwm": st["VmHWM"],
+                      "rss_untrimmed": untrimmed,
                       "rss_before_load": before, "sessions": len(sessions)}))
 
 
@@ -342,7 +350,9 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {n} | {row['ratio']:.3f}x | {row['latency']['bundle']['median_ms']:.0f} | "
                 f"{row['latency']['fused']['median_ms']:.0f} | "
-                f"{row['memory']['rss'] / 1e6:.0f} (peak {row['memory']['hwm'] / 1e6:.0f}) | "
+                f"{row['memory']['rss'] / 1e6:.0f} (peak {row['memory']['hwm'] / 1e6:.0f}"
+                + (f"; {row['memory']['rss_untrimmed'] / 1e6:.0f} untrimmed at load"
+                   if "rss_untrimmed" in row["memory"] else "") + ") | "
                 f"{nf_txt} | {target / 1e6:.0f} | {row['session_seconds']:.1f} | "
                 f"{g['max_abs_vs_recorded']:.1e} / {g['max_abs_vs_fused']:.1e} | "
                 f"{row.get('load', {}).get('loadavg_1m', float('nan')):.1f} |")
@@ -427,6 +437,34 @@ def run_gpu(args) -> dict:
     return out
 
 
+def memory_only(args) -> None:
+    """Resident memory again, from the files of the last full run (same bundles, same fused
+    model), into its results: the memory rows need no timing-quiet machine."""
+    path = os.path.join(args.out, "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    for r in results["archs"]:
+        work = os.path.join(args.work, r["arch"])
+        fused_path = os.path.join(work, "fused.onnx")
+        for row in r["rows"]:
+            row["memory"] = _spawn([os.path.join(work, f"n{row['tasks']}", "tasks.onnx")],
+                                   "bundle", row["tasks"], results["batch"], 224, 0)
+        r["fused_memory"] = [{"models": m["models"], **_spawn([fused_path] * m["models"],
+                                                              "fused", 1, results["batch"], 224,
+                                                              0)} for m in r["fused_memory"]]
+        ks = [m["models"] for m in r["fused_memory"]]
+        rss = [m["rss"] for m in r["fused_memory"]]
+        r["fused_rss_one"] = rss[0]
+        r["fused_rss_per_model"] = (rss[-1] - rss[0]) / (ks[-1] - ks[0])
+        print(f"  {r['arch']}: memory measured again", file=sys.stderr)
+    results["memory_measured"] = time.strftime("%Y-%m-%d %H:%M")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown(results) + "\n")
+    print(markdown(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -449,9 +487,14 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true",
                     help="TensorRT engines on the GPU instead (first --archs, N <= 10): "
                          "results/gpu_bundle.json")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="Measure resident memory again for the bundles and fused model an "
+                         "earlier run left in --work, and update its results")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.memory_only:
+        return memory_only(args)
     if args.gpu:
         res = run_gpu(args)
         os.makedirs(args.out, exist_ok=True)

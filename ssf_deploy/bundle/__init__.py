@@ -31,6 +31,7 @@ from ..formats import Task, build_model, read_task
 from ..formats.provenance import checked_probe_inputs, describe_base
 from ..formats.task import provenance_of
 from ..models import creation_record
+from ..runtime import ort_session
 from ..fuse import fuse_many
 from ..verify import DEFAULT_ATOL, DEFAULT_RTOL
 from .check import GateReport, probe_of, recorded_tasks, run_gate
@@ -299,29 +300,22 @@ class BundleRunner:
     ``runner.run(images, names_or_indices)`` -> each sample's own logits (its classes only).
 
     The session is made from the file path (the backbone and rows are external data next to
-    it); onnxruntime folds the row table into one initializer when the session is created.
+    it); onnxruntime folds the row table into one initializer when the session is created, and
+    the session factory gives the freed row blocks back to the OS
+    (:func:`ssf_deploy.runtime.release_freed_memory`), so the table is resident once.
     """
 
     def __init__(self, path: str, *, providers=None, threads: Optional[int] = None,
                  check: bool = True):
-        import onnxruntime as ort
         if check:
             _, self.meta = read_graph(path)
         else:
             import onnx
             from .files import read_meta
             self.meta = read_meta(onnx.load(path, load_external_data=False), path)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers or [
-                "CPUExecutionProvider"])
-        except Exception as e:
-            raise SSFDeployError(f"onnxruntime cannot load the bundle {path}: "
-                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-                from e
+        # from the file path: the backbone and rows are external data next to it
+        self.session = ort_session(os.fspath(path), providers=providers or
+                                   ["CPUExecutionProvider"], threads=threads)
         self.path = os.fspath(path)
         self.providers = list(self.session.get_providers())
         self.tasks = {t["name"]: t for t in self.meta["tasks"]}

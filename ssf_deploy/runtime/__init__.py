@@ -13,10 +13,10 @@ so every module above it can use it.
 from .images import IMAGE_EXTS, ImageBatches, data_config, eval_transform, image_files, load_images
 from .keys import KeyDiff, key_diff
 from .onnxfile import TensorSpec, graph_inputs, load_onnx, onnx_bytes
-from .session import OrtRunner, bind_inputs, ort_session
+from .session import OrtRunner, bind_inputs, ort_session, release_freed_memory
 from .timing import Timing, interleaved, time_calls, warm_up
 
 __all__ = ["IMAGE_EXTS", "ImageBatches", "data_config", "eval_transform", "image_files",
            "load_images", "KeyDiff", "key_diff", "TensorSpec", "graph_inputs", "load_onnx",
-           "onnx_bytes", "OrtRunner", "bind_inputs", "ort_session", "Timing", "interleaved", "time_calls",
-           "warm_up"]
+           "onnx_bytes", "OrtRunner", "bind_inputs", "ort_session", "release_freed_memory",
+           "Timing", "interleaved", "time_calls", "warm_up"]

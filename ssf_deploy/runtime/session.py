@@ -11,7 +11,7 @@ import torch
 from ..errors import SSFDeployError, UsageError, first_line
 from .onnxfile import Source, check_onnx_path
 
-__all__ = ["ort_session", "OrtRunner", "OPTIMIZATION", "bind_inputs"]
+__all__ = ["ort_session", "OrtRunner", "OPTIMIZATION", "bind_inputs", "release_freed_memory"]
 
 OPTIMIZATION = ("all", "extended", "basic", "disable")
 
@@ -84,7 +84,25 @@ def ort_session(model: Source, *, device=None, providers=None, threads: Optional
                          f"{want} ({device}): install onnxruntime-gpu with a CUDA matching "
                          f"this driver, or use the cpu device")
     session._ssf_keep = keep
+    release_freed_memory()
     return session
+
+
+def release_freed_memory() -> bool:
+    """Give the heap memory freed so far back to the OS (glibc ``malloc_trim``); False where
+    the C library is not glibc.
+
+    Why: onnxruntime reads external initializers into ~0.5 MB heap blocks, folds constants
+    (a bundle's rows into its one task table) and frees the originals, but glibc keeps freed
+    blocks of that size in the heap, so a 1000-task bundle's resident memory would count its
+    table twice (measured: 1151 MB after loading a ViT-S/16 bundle of 1000 tasks, 691 MB after
+    trimming). Called once per session made here."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:          # not glibc (macOS, musl): its allocator returns memory itself
+        return False
+    return bool(libc.malloc_trim(0))
 
 
 def bind_inputs(names: list, args: tuple, named: dict, what: str = "model") -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 from fastapi import FastAPI, Request              # ships with ray[serve]
 from fastapi.responses import JSONResponse
 
+from ..runtime import ort_session
 from .repo import latest_version, model_config, signature_of
 
 log = logging.getLogger("ray.serve")
@@ -71,7 +72,6 @@ def load_version(model_dir: str, threads: Optional[int] = None) -> Loaded:
     """The newest version of ``model_dir`` as an onnxruntime session (from the file path: its
     external data are resolved next to it). The task table is the graph's own, checked
     against the version's ``tasks.json``."""
-    import onnxruntime as ort
     t0 = time.perf_counter()
     v = latest_version(model_dir)
     if v is None:
@@ -79,13 +79,9 @@ def load_version(model_dir: str, threads: Optional[int] = None) -> Loaded:
     sig = signature_of(v.path, task_name=(v.tasks[0]["name"] if len(v.tasks) == 1 else None))
     if [(t["name"], t["index"]) for t in sig.tasks] != [(t["name"], t["index"]) for t in v.tasks]:
         raise RuntimeError(f"{v.folder}/tasks.json does not match the model's own task table")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
     # a server shares its cores with the HTTP proxy and the event loop: no spin-waiting
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(v.path, opts, providers=["CPUExecutionProvider"])
+    session = ort_session(v.path, providers=["CPUExecutionProvider"], threads=threads,
+                          spinning=False)
     return Loaded(v.version, session, sig, {t["name"]: t for t in sig.tasks},
                   time.perf_counter() - t0)
 

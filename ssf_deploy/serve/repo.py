@@ -37,6 +37,7 @@ from ..bundle.files import (BUNDLE_FORMAT, IMAGES, LOGITS, META_KEY, TASK, backb
                             read_meta, row_location, set_meta)
 from ..errors import SSFDeployError, UsageError, first_line
 from ..fileio import OutputSet, check_manifest, check_writable
+from ..runtime import ort_session
 
 __all__ = ["write_triton_repo", "update_repo", "RepoReport", "ModelVersion", "latest_version",
            "read_model", "model_config", "validate_config", "config_text", "TASKS_PARAM",
@@ -478,12 +479,8 @@ def _check_loads(path: str, sig: Signature) -> None:
     between: a 1000-task bundle is checked in one small batch): the version serves before it
     exists. Exactness is the bundle's gate's job, not this check's."""
     import numpy as np
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
     try:
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, providers=["CPUExecutionProvider"], threads=1)
         picks = sorted({0, len(sig.tasks) - 1, len(sig.tasks) // 3, 2 * len(sig.tasks) // 3})
         n = len(picks)
         feed = {sig.images: np.zeros((n, *sig.chw), np.float32)}
