@@ -61,6 +61,8 @@ def worker(args) -> None:
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # as ssf_deploy.bundle.BundleRunner's session (fold_large_constants): the task table folds
+    opts.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes", "0")
     before = _status()["VmRSS"]
     t0 = time.perf_counter()
     sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"])
@@ -196,6 +198,7 @@ def run_arch(arch: str, ns: list, args, work: str) -> dict:
     # sessions timed in turn must not spin-wait after a run: the spinning threads of one would
     # steal the cores the next one runs on (both would slow down, and the ratio drift to 1)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes", "0")
     fused = ort.InferenceSession(fused_path, opts, providers=["CPUExecutionProvider"])
     fin = fused.get_inputs()[0].name
     rng = np.random.default_rng(0)
@@ -356,6 +359,14 @@ def markdown(results: dict) -> str:
                 f"{nf_txt} | {target / 1e6:.0f} | {row['session_seconds']:.1f} | "
                 f"{g['max_abs_vs_recorded']:.1e} / {g['max_abs_vs_fused']:.1e} | "
                 f"{row.get('load', {}).get('loadavg_1m', float('nan')):.1f} |")
+        again = [row for row in r["rows"] if "ratio_again" in row]
+        for row in again:
+            lines += ["", f"Measured again (`--memory-only`, {results.get('memory_measured')}, "
+                          f"load {row['load_again']['loadavg_1m']:.1f}): N = {row['tasks']} "
+                          f"mixed batch / fused {row['ratio_again']:.3f}x "
+                          f"({row['latency_again']['bundle']['median_ms']:.0f} vs "
+                          f"{row['latency_again']['fused']['median_ms']:.0f} ms); the memory "
+                          f"columns above are from that run too."]
         ind = r["independent"]
         lines += ["", f"Independent timer (each model alone in a fresh process, {ind['iters']} "
                       f"batches minus 0, N = {ind['tasks']}, {ind.get('rounds', 1)} interleaved "
@@ -456,7 +467,32 @@ def memory_only(args) -> None:
         rss = [m["rss"] for m in r["fused_memory"]]
         r["fused_rss_one"] = rss[0]
         r["fused_rss_per_model"] = (rss[-1] - rss[0]) / (ks[-1] - ks[0])
-        print(f"  {r['arch']}: memory measured again", file=sys.stderr)
+        # and the largest bundle's latency again, interleaved with the fused model as before
+        import numpy as np
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes",
+                                      "0")
+        row = r["rows"][-1]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((results["batch"], 3, 224, 224)).astype(np.float32)
+        task = rng.integers(0, row["tasks"], results["batch"]).astype(np.int64)
+        sb = ort.InferenceSession(os.path.join(work, f"n{row['tasks']}", "tasks.onnx"), opts,
+                                  providers=["CPUExecutionProvider"])
+        sf = ort.InferenceSession(fused_path, opts, providers=["CPUExecutionProvider"])
+        lat = interleaved({"bundle": lambda: sb.run(None, {"images": x, "task": task}),
+                           "fused": lambda: sf.run(None, {sf.get_inputs()[0].name: x})},
+                          args.rounds)
+        times = lat.pop("_times")
+        row["latency_again"] = lat
+        row["ratio_again"] = statistics.median(a / b for a, b in zip(times["bundle"],
+                                                                     times["fused"]))
+        row["load_again"] = load_info()
+        sb = sf = None
+        print(f"  {r['arch']}: memory measured again; N={row['tasks']} again: "
+              f"{row['ratio_again']:.3f}x", file=sys.stderr)
     results["memory_measured"] = time.strftime("%Y-%m-%d %H:%M")
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=float)

@@ -315,7 +315,8 @@ class BundleRunner:
             self.meta = read_meta(onnx.load(path, load_external_data=False), path)
         # from the file path: the backbone and rows are external data next to it
         self.session = ort_session(os.fspath(path), providers=providers or
-                                   ["CPUExecutionProvider"], threads=threads)
+                                   ["CPUExecutionProvider"], threads=threads,
+                                   fold_large_constants=True)
         self.path = os.fspath(path)
         self.providers = list(self.session.get_providers())
         self.tasks = {t["name"]: t for t in self.meta["tasks"]}

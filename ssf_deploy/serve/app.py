@@ -81,7 +81,7 @@ def load_version(model_dir: str, threads: Optional[int] = None) -> Loaded:
         raise RuntimeError(f"{v.folder}/tasks.json does not match the model's own task table")
     # a server shares its cores with the HTTP proxy and the event loop: no spin-waiting
     session = ort_session(v.path, providers=["CPUExecutionProvider"], threads=threads,
-                          spinning=False)
+                          spinning=False, fold_large_constants=True)
     return Loaded(v.version, session, sig, {t["name"]: t for t in sig.tasks},
                   time.perf_counter() - t0)
 
